@@ -1,0 +1,58 @@
+// lazyfs: the command on the restore host. Dispatches to the subcommands.
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+
+namespace lazyfs::cli {
+
+void print_error(const std::string& message) {
+  std::fprintf(stderr, "lazyfs: %s\n", message.c_str());
+}
+
+namespace {
+
+int run(int argc, char** argv) {
+  CLI::App app{
+      "lazyfs: serve a CRIU checkpoint's files on the restore host, fetching only the byte "
+      "ranges the restored process reads.",
+      "lazyfs"};
+  app.set_version_flag("--version", std::string("lazyfs ") + LAZYFS_VERSION);
+  app.require_subcommand(1);
+
+  std::vector<std::pair<CLI::App*, Runner>> commands;
+  auto add = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), runner); };
+  add(add_ls_command(app));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    print_error(e.what());
+    std::fprintf(stderr, "Run with --help for more information.\n");
+    return kExitBadInput;
+  }
+  for (auto& [sub, runner] : commands) {
+    if (sub->parsed()) return runner();
+  }
+  return kExitBadInput;
+}
+
+}  // namespace
+}  // namespace lazyfs::cli
+
+int main(int argc, char** argv) {
+  try {
+    return lazyfs::cli::run(argc, argv);
+  } catch (const std::exception& e) {
+    lazyfs::cli::print_error(e.what());
+    return lazyfs::cli::kExitFailure;
+  }
+}
