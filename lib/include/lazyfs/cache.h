@@ -1,0 +1,131 @@
+// The block cache: one sparse data file per served file, under a cache
+// directory (mode 0700), and beside it a range map saying which bytes of the
+// data file are present and which were written locally.
+//
+// Files are named from SHA-256(checkpoint identity, path), never from the
+// raw path, so a hostile name cannot reach the file system and two
+// checkpoints never share or mix cache files.
+//
+// Crash safety: bytes are marked present only after their pwrite returned;
+// flush() snapshots the maps, makes the data durable (fdatasync), and only
+// then replaces the map file atomically (temporary file, fsync, rename, fsync
+// of the directory). A crash at any point leaves a map that may miss bytes
+// that are present, but never claims a byte that is not. Flushes are batched
+// by the caller (the engine flushes on a timer and at shutdown), not done
+// per block.
+//
+// Locally written bytes are the file's truth: a fetch that lands later never
+// overwrites them.
+//
+// Lock order: CacheFile::mutex_ is a leaf; BlockCache::mutex_ is taken before
+// a CacheFile's and never while one is held. Neither is held across network
+// I/O (the cache does none).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+
+#include "lazyfs/fileio.h"
+#include "lazyfs/ranges.h"
+#include "lazyfs/status.h"
+
+namespace lazyfs {
+
+class CacheFile {
+ public:
+  // Opens (creating if needed) the data and map files `base`.data and
+  // `base`.map. A map that is missing, unreadable, corrupt, or written for
+  // another checkpoint, path or source size is discarded and the data file
+  // emptied: the cache then starts cold for this file, never wrong.
+  static std::unique_ptr<CacheFile> open(const std::filesystem::path& base,
+                                         const std::string& checkpoint_id, const std::string& path,
+                                         uint64_t source_size, Status& status);
+
+  // The data file, for reads of present bytes (pread, splice). Valid for the
+  // life of this object.
+  int fd() const { return fd_.get(); }
+  const std::string& path() const { return path_; }
+  // The size of the file on the source, as given to open().
+  uint64_t source_size() const { return source_size_; }
+  // The current size: the source size until a local truncate or a write past
+  // the end changes it.
+  uint64_t size() const;
+
+  bool present(Range r) const;
+  std::vector<Range> missing(Range r) const;
+  uint64_t present_bytes() const;
+  uint64_t local_bytes() const;
+  RangeSet present_set() const;
+  RangeSet local_set() const;
+
+  // Stores bytes fetched from the source at `offset`, except those written
+  // locally, and marks them present. Bytes past size() are dropped.
+  Status write_fetched(uint64_t offset, std::span<const std::byte> data);
+  // Stores bytes written locally and marks them present and local; a write
+  // past the end grows the file.
+  Status write_local(uint64_t offset, std::span<const std::byte> data);
+  // Sets the size locally. Bytes from the old size (or the new one, if
+  // smaller) on are local: zeros when the file grows, gone when it shrinks.
+  Status truncate_local(uint64_t new_size);
+
+  // Makes everything present so far durable and records it in the map, as
+  // described above. Cheap when nothing changed since the last flush.
+  Status flush();
+  bool dirty() const;
+
+  ~CacheFile();
+  CacheFile(const CacheFile&) = delete;
+  CacheFile& operator=(const CacheFile&) = delete;
+
+ private:
+  CacheFile() = default;
+  Status load_map_locked();
+  std::string serialize_locked() const;
+
+  std::filesystem::path data_path_;
+  std::filesystem::path map_path_;
+  std::string checkpoint_id_;
+  std::string path_;
+  uint64_t source_size_ = 0;
+  UniqueFd fd_;
+
+  mutable std::mutex mutex_;
+  uint64_t size_ = 0;                // guarded by mutex_
+  RangeSet present_;                 // guarded by mutex_
+  RangeSet local_;                   // guarded by mutex_
+  uint64_t generation_ = 0;          // guarded by mutex_; bumped by every change
+  uint64_t flushed_generation_ = 0;  // guarded by flush_mutex_
+  std::mutex flush_mutex_;           // one flush at a time; taken before mutex_
+};
+
+// The cache directory of one checkpoint: hands out one CacheFile per path.
+class BlockCache {
+ public:
+  // Creates `dir` (mode 0700) if needed; refuses a dir that others can read.
+  static std::unique_ptr<BlockCache> open(const std::filesystem::path& dir,
+                                          const std::string& checkpoint_id, Status& status);
+
+  // The cache file for `path` (opened on first use), or null with `status`.
+  CacheFile* file(const std::string& path, uint64_t source_size, Status& status);
+
+  // The name stem of `path`'s files inside the directory.
+  std::string stem(const std::string& path) const;
+
+  // Flushes every file; the first failure is returned, the rest still tried.
+  Status flush_all();
+  const std::filesystem::path& dir() const { return dir_; }
+
+ private:
+  std::filesystem::path dir_;
+  std::string checkpoint_id_;
+  std::mutex mutex_;
+  std::unordered_map<std::string, std::unique_ptr<CacheFile>> files_;  // guarded by mutex_
+};
+
+}  // namespace lazyfs

@@ -1,0 +1,85 @@
+// Sources: where the bytes of a checkpoint's files come from. The file with
+// image path P is read at ROOT + P on the source (ROOT is the source's remote
+// root, "/" by default).
+//
+// Calls block and are made from the engine's worker threads, never from a
+// FUSE thread. A source serves up to max_concurrency() calls at once (one per
+// pooled connection) and queues the rest. Every call returns within a bounded
+// time: a stalled transfer fails with a transient Status, never hangs.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "lazyfs/status.h"
+
+namespace lazyfs {
+
+struct SourceStat {
+  uint32_t mode = 0;  // whole st_mode
+  uint64_t size = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  int64_t atime = 0;  // seconds since the epoch
+  int64_t mtime = 0;
+};
+
+// Receives a read's bytes in ascending, contiguous chunks as they arrive, so
+// the engine can store them and wake waiters before the whole range is in.
+using ChunkSink = std::function<void(uint64_t offset, std::span<const std::byte> data)>;
+
+// What a source has done, for `lazyfs status` and the benchmarks.
+struct SourceCounters {
+  std::atomic<uint64_t> connects{0};  // connections (SSH sessions) opened
+  std::atomic<uint64_t> connect_failures{0};
+  std::atomic<uint64_t> reads{0};       // read requests served
+  std::atomic<uint64_t> bytes_read{0};  // payload bytes received
+  std::atomic<uint64_t> stats{0};
+};
+
+enum class SourceState { kConnected, kRetrying, kDown };
+const char* source_state_name(SourceState state);
+
+class Source {
+ public:
+  virtual ~Source() = default;
+
+  // "sftp://user@host:port/root" or "file:///dir": for logs, never secrets.
+  virtual std::string describe() const = 0;
+
+  // stat(2) of ROOT + path, following symlinks.
+  virtual Status stat(const std::string& path, SourceStat& out) = 0;
+
+  // Reads [offset, offset + length) of ROOT + path and hands it to `sink`.
+  // Fewer bytes only when the file ends first (then ok, with what there was).
+  // A failure may come after some chunks were delivered; they are valid.
+  virtual Status read(const std::string& path, uint64_t offset, uint64_t length,
+                      const ChunkSink& sink) = 0;
+
+  // How many calls the source serves at once.
+  virtual unsigned max_concurrency() const = 0;
+
+  virtual SourceState state() const { return SourceState::kConnected; }
+  const SourceCounters& counters() const { return counters_; }
+
+ protected:
+  SourceCounters counters_;
+};
+
+// Reads into `buf` (convenience over Source::read); `got` is the bytes read.
+Status read_into(Source& source, const std::string& path, uint64_t offset, std::span<std::byte> buf,
+                 size_t& got);
+
+// A local directory: file:///DIR. For tests, for embedding and for
+// checkpoints kept on shared storage.
+std::unique_ptr<Source> make_local_source(const std::string& root, Status& status);
+
+}  // namespace lazyfs
