@@ -16,6 +16,9 @@ inline constexpr int kExitBadInput = 2;
 // Adds a subcommand to `app`; the returned function runs it after parsing.
 using Runner = std::function<int()>;
 Runner add_ls_command(CLI::App& app);
+Runner add_mount_command(CLI::App& app);
+Runner add_prepare_command(CLI::App& app);
+Runner add_status_command(CLI::App& app);
 
 // Prints "lazyfs: MESSAGE" on stderr.
 void print_error(const std::string& message);

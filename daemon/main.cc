@@ -1,4 +1,5 @@
 // lazyfs: the command on the restore host. Dispatches to the subcommands.
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -25,9 +26,23 @@ int run(int argc, char** argv) {
   std::vector<std::pair<CLI::App*, Runner>> commands;
   auto add = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), runner); };
   add(add_ls_command(app));
+  add(add_mount_command(app));
+  add(add_prepare_command(app));
+  add(add_status_command(app));
 
+  // The original LazyFS form, `lazyfs MOUNTPOINT IMGDIR USER@RHOST`, means
+  // `lazyfs mount MOUNTPOINT IMGDIR USER@RHOST`.
+  std::vector<std::string> args(argv + 1, argv + argc);
+  const auto subcommands = app.get_subcommands({});
+  const bool named = std::any_of(subcommands.begin(), subcommands.end(), [&](CLI::App* sub) {
+    return !args.empty() && sub->check_name(args[0]);
+  });
+  if (args.size() == 3 && args[0].rfind('-', 0) != 0 && !named) {
+    args.insert(args.begin(), "mount");
+  }
+  std::reverse(args.begin(), args.end());  // CLI11 takes them last-first
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {

@@ -48,13 +48,17 @@ void write_bytes(const std::filesystem::path& file, const std::vector<uint8_t>& 
 }
 
 CommandResult run_lazyfs(const std::vector<std::string>& args) {
+  return run_program(std::string(LAZYFS_BIN_DIR) + "/lazyfs", args);
+}
+
+CommandResult run_program(const std::string& program, const std::vector<std::string>& args) {
   ScratchDir tmp("cmd");
   auto out_path = tmp.path() / "out";
   auto err_path = tmp.path() / "err";
   pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {
-    std::vector<std::string> argv_s{std::string(LAZYFS_BIN_DIR) + "/lazyfs"};
+    std::vector<std::string> argv_s{program};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());

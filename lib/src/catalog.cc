@@ -15,6 +15,7 @@
 #include "lazyfs/hash.h"
 #include "lazyfs/image.h"
 #include "lazyfs/paths.h"
+#include "prepare_marker.h"
 
 namespace lazyfs {
 
@@ -61,7 +62,7 @@ std::string type_reason(uint32_t mode) {
 
 }  // namespace
 
-Catalog Catalog::load(const std::filesystem::path& image_dir) {
+Catalog Catalog::load(const std::filesystem::path& image_dir, Names names) {
   std::error_code ec;
   auto st = std::filesystem::status(image_dir, ec);
   if (ec || !std::filesystem::exists(st)) {
@@ -94,14 +95,16 @@ Catalog Catalog::load(const std::filesystem::path& image_dir) {
     if (reader.next_message(inv)) run_id = inv.dump_criu_run_id();
   }
 
-  auto files_path = image_dir / "files.img";
-  auto legacy_path = image_dir / "reg-files.img";
-  const bool legacy = !std::filesystem::exists(files_path, ec);
-  if (legacy && !std::filesystem::exists(legacy_path, ec)) {
+  const auto live = live_files_image(image_dir);
+  const bool legacy = live.filename() == "reg-files.img";
+  if (!std::filesystem::exists(live, ec)) {
     throw std::runtime_error(fmt::format(
         "{}: no files.img or reg-files.img: not a CRIU checkpoint directory", image_dir.string()));
   }
-  cat.files_image_ = legacy ? legacy_path : files_path;
+  // After `lazyfs prepare` the live image names paths inside the mount; the
+  // original it kept has the paths the files have on the source.
+  auto marker = names == Names::kOriginal ? read_prepare_marker(image_dir, live) : std::nullopt;
+  cat.files_image_ = marker ? image_dir / marker->original : live;
   auto reader = ImageReader::open(cat.files_image_, legacy ? magic::kRegFiles : magic::kFiles);
 
   auto remap_reason = [&](uint32_t id) -> std::string {

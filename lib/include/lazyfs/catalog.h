@@ -55,9 +55,15 @@ struct SkippedEntry {
 
 class Catalog {
  public:
+  // Which names to read after `lazyfs prepare` rewrote the files image.
+  enum class Names {
+    kOriginal,  // the source's paths, from the original prepare kept
+    kAsIs,      // what the live image says (what `criu restore` will open)
+  };
+
   // Throws ImageError (file, offset, fault) for an unreadable or corrupt
   // image, and std::runtime_error for a missing directory or files image.
-  static Catalog load(const std::filesystem::path& image_dir);
+  static Catalog load(const std::filesystem::path& image_dir, Names names = Names::kOriginal);
 
   const std::vector<CatalogFile>& files() const { return files_; }
   const std::vector<CatalogDir>& dirs() const { return dirs_; }

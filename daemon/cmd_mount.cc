@@ -1,0 +1,211 @@
+// `lazyfs mount [OPTIONS] MOUNTPOINT IMGDIR SOURCE`: serve the checkpoint's
+// files at MOUNTPOINT + their original paths, fetching from SOURCE on demand.
+// Without --foreground it returns once the mount serves, then runs detached.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/core.h>
+#include <cerrno>
+#include <cstring>
+
+#include "commands.h"
+#include "lazyfs/image.h"
+#include "lazyfs/log.h"
+#include "mount.h"
+
+namespace lazyfs::cli {
+namespace {
+
+struct MountCli {
+  MountOptions opts;
+  std::string block_size = "128K";
+  double timeout_s = 30;
+  std::string log_level = "info";
+};
+
+bool parse_size(const std::string& text, uint64_t& out) {
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+  if (errno || end == text.c_str()) return false;
+  std::string suffix(end);
+  uint64_t mult = 1;
+  if (suffix == "K" || suffix == "k" || suffix == "KiB")
+    mult = 1ull << 10;
+  else if (suffix == "M" || suffix == "MiB")
+    mult = 1ull << 20;
+  else if (suffix == "G" || suffix == "GiB")
+    mult = 1ull << 30;
+  else if (!suffix.empty())
+    return false;
+  out = v * mult;
+  return v == out / mult;
+}
+
+// Opens the log destination of a detached daemon and points stdout/stderr
+// at it (stdin at /dev/null).
+bool redirect_stdio(const std::filesystem::path& log_file) {
+  int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  int log_fd = ::open(log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (null_fd < 0 || log_fd < 0) return false;
+  ::dup2(null_fd, STDIN_FILENO);
+  ::dup2(log_fd, STDOUT_FILENO);
+  ::dup2(log_fd, STDERR_FILENO);
+  ::close(null_fd);
+  ::close(log_fd);
+  return true;
+}
+
+int mount_command(MountCli& cli) {
+  auto& o = cli.opts;
+  if (!parse_size(cli.block_size, o.block_size) || o.block_size < 4096 ||
+      o.block_size > (64u << 20) || (o.block_size & (o.block_size - 1)) != 0) {
+    print_error(fmt::format("--block-size {}: need a power of two from 4K to 64M", cli.block_size));
+    return kExitBadInput;
+  }
+  if (auto lvl = log::parse_level(cli.log_level)) {
+    log::set_level(*lvl);
+  } else {
+    print_error(fmt::format("--log-level {}: use debug, info, warn, error or off", cli.log_level));
+    return kExitBadInput;
+  }
+  if (o.connections < 1 || o.connections > 64) {
+    print_error("--connections: need 1 to 64");
+    return kExitBadInput;
+  }
+  if (cli.timeout_s <= 0 || cli.timeout_s > 86400) {
+    print_error("--timeout: need a number of seconds above 0");
+    return kExitBadInput;
+  }
+  o.timeout = std::chrono::milliseconds(static_cast<int64_t>(cli.timeout_s * 1000));
+  o.stall_timeout = std::min(o.stall_timeout, o.timeout);
+  o.mountpoint = std::filesystem::absolute(o.mountpoint).lexically_normal();
+  if (o.cache_dir.empty()) o.cache_dir = default_cache_dir();
+  o.cache_dir = std::filesystem::absolute(o.cache_dir);
+  if (!o.log_file.empty()) o.log_file = std::filesystem::absolute(o.log_file);
+
+  std::optional<Catalog> catalog;
+  try {
+    catalog.emplace(Catalog::load(o.image_dir));
+  } catch (const std::exception& e) {
+    print_error(e.what());
+    return kExitBadInput;
+  }
+  if (auto st = check_mountpoint(o.mountpoint); !st.ok()) {
+    print_error(st.message());
+    return kExitBadInput;
+  }
+
+  if (o.foreground) {
+    if (!o.log_file.empty() && !redirect_stdio(o.log_file)) {
+      print_error(fmt::format("cannot open log file {}", o.log_file.string()));
+      return kExitFailure;
+    }
+    int failed_status = kExitFailure;
+    int rc = run_mount(o, *catalog, [&](const Status& st) {
+      if (!st.ok()) {
+        print_error(st.message());
+        failed_status = st.errnum() == EINVAL ? kExitBadInput : kExitFailure;
+      }
+    });
+    return rc == 0 ? 0 : failed_status;
+  }
+
+  // Detach: the child starts everything (threads, connections, the mount)
+  // and tells the parent through a pipe when the mount serves, or why not.
+  int pipefd[2];
+  if (::pipe2(pipefd, O_CLOEXEC) != 0) {
+    print_error(fmt::format("pipe: {}", std::strerror(errno)));
+    return kExitFailure;
+  }
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    print_error(fmt::format("fork: {}", std::strerror(errno)));
+    return kExitFailure;
+  }
+  if (pid > 0) {
+    ::close(pipefd[1]);
+    std::string msg;
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(pipefd[0], buf, sizeof buf)) != 0) {
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      msg.append(buf, static_cast<size_t>(n));
+    }
+    if (msg == "ok") return kExitOk;
+    if (msg.empty()) {
+      print_error(
+          "the daemon exited during start-up; see " +
+          (o.log_file.empty() ? (o.cache_dir / "lazyfs.log").string() : o.log_file.string()));
+      return kExitFailure;
+    }
+    print_error(msg.substr(2));
+    return msg[0] == '2' ? kExitBadInput : kExitFailure;
+  }
+  ::close(pipefd[0]);
+  ::setsid();
+  int report_fd = pipefd[1];
+  const auto log_file = o.log_file.empty() ? o.cache_dir / "lazyfs.log" : o.log_file;
+  auto report = [&](const Status& st) {
+    std::string msg =
+        st.ok() ? "ok" : fmt::format("{} {}", st.errnum() == EINVAL ? '2' : '1', st.message());
+    if (st.ok()) {
+      std::error_code ec;
+      std::filesystem::create_directories(log_file.parent_path(), ec);
+      if (!redirect_stdio(log_file)) msg = "1 cannot open log file " + log_file.string();
+    }
+    (void)!::write(report_fd, msg.data(), msg.size());
+    ::close(report_fd);
+    report_fd = -1;
+  };
+  int rc = run_mount(o, *catalog, report);
+  if (report_fd >= 0) ::close(report_fd);
+  ::_exit(rc);
+}
+
+}  // namespace
+
+Runner add_mount_command(CLI::App& app) {
+  auto cli = std::make_shared<MountCli>();
+  auto* cmd = app.add_subcommand(
+      "mount", "Mount the checkpoint's files at MOUNTPOINT, fetched lazily from SOURCE");
+  auto& o = cli->opts;
+  cmd->add_option("MOUNTPOINT", o.mountpoint, "Where to mount (an existing empty directory)")
+      ->required();
+  cmd->add_option("IMGDIR", o.image_dir, "CRIU image directory (criu dump -D)")->required();
+  cmd->add_option("SOURCE", o.source,
+                  "Where the files are: [USER@]HOST, sftp://[USER@]HOST[:PORT][/ROOT] or "
+                  "file:///DIR (file P is read at ROOT + P)")
+      ->required();
+  cmd->add_option(
+      "--cache-dir", o.cache_dir,
+      "Cache directory (default $LAZYFS_CACHE_DIR, else /var/cache/lazyfs for root, else "
+      "~/.cache/lazyfs)");
+  cmd->add_option("--block-size", cli->block_size, "Fetch unit, a power of two (default 128K)");
+  cmd->add_option("--connections", o.connections, "SSH connections to the source (default 4)");
+  cmd->add_option("--identity", o.identity_files, "SSH private key file (repeatable)");
+  cmd->add_option("--known-hosts", o.known_hosts,
+                  "known_hosts file to check the host key against (default ~/.ssh/known_hosts)");
+  cmd->add_flag("--accept-new-host-key", o.accept_new_host_key,
+                "Add an unknown host's key to known_hosts (a changed key is still refused)");
+  cmd->add_flag("--insecure-no-host-key-check", o.insecure_no_host_key_check,
+                "Do not check the host key at all (exposes you to man-in-the-middle attacks)");
+  cmd->add_option("--timeout", cli->timeout_s,
+                  "Seconds a read may spend retrying before it fails with EIO (default 30)");
+  cmd->add_flag("-f,--foreground", o.foreground, "Stay in the foreground and log to stderr");
+  cmd->add_flag("--read-only", o.read_only, "Refuse every change with EROFS");
+  cmd->add_flag("--compat-names", o.compat_names,
+                "Also show each file at the root under its LazyFS flat name (a/b/c as a.b.c)");
+  cmd->add_option("--log-level", cli->log_level, "debug, info, warn, error or off (default info)");
+  cmd->add_option("--log-file", o.log_file,
+                  "Log here (default: stderr in the foreground, CACHE_DIR/lazyfs.log detached)");
+  cmd->add_option("-o", o.fuse_options, "FUSE mount option (repeatable)")->allow_extra_args(false);
+  return [cli]() { return mount_command(*cli); };
+}
+
+}  // namespace lazyfs::cli

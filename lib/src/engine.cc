@@ -1,0 +1,642 @@
+#include "lazyfs/engine.h"
+
+#include <sys/stat.h>
+
+#include <fmt/core.h>
+#include <algorithm>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <cerrno>
+#include <cmath>
+#include <set>
+
+#include "lazyfs/log.h"
+
+namespace lazyfs {
+
+namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
+
+struct FetchEngine::Waiter {
+  Range range;  // block-aligned, clipped to the file's size
+  Completion done;
+};
+
+struct FetchEngine::File {
+  enum class State { kUnknown, kValidating, kReady, kStale };
+
+  std::string path;
+  std::optional<uint64_t> recorded_size;
+  std::optional<uint32_t> recorded_mode;
+  std::atomic<uint64_t> fetched_bytes{0};
+
+  std::mutex mutex;
+  // Everything below is guarded by mutex.
+  State state = State::kUnknown;
+  Status stale_status;
+  FileInfo info;
+  CacheFile* cache = nullptr;
+  RangeSet inflight;                       // blocks queued or being fetched
+  std::vector<std::shared_ptr<Job>> jobs;  // the fetch jobs covering `inflight`
+  std::vector<Waiter> waiters;
+  std::vector<std::function<void()>> pending;  // requests waiting for validation
+  std::vector<InfoCompletion> info_waiters;
+  // Read-ahead: where the last demand read was, and the current window.
+  uint64_t last_begin = 0;
+  uint64_t last_end = 0;
+  uint64_t ra_window = 0;
+};
+
+struct FetchEngine::Job {
+  enum class Kind { kFetch, kStat };
+  Kind kind;
+  File* file;
+  Range range;  // what is still to fetch (shrinks on retry)
+  std::atomic<int> priority;
+  std::atomic<bool> started{false};
+  Clock::time_point deadline;  // end of the retry budget
+  std::chrono::milliseconds backoff{0};
+  Clock::time_point queued_at = Clock::now();
+
+  Job(Kind k, File* f, Range r, Priority p)
+      : kind(k), file(f), range(r), priority(static_cast<int>(p)) {}
+};
+
+struct FetchEngine::Counters {
+  std::atomic<uint64_t> fetched_bytes{0};
+  std::atomic<uint64_t> fetch_requests{0};
+  std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> cache_hits{0};
+  std::atomic<uint64_t> inflight{0};
+  std::atomic<uint64_t> retries{0};
+  std::atomic<uint64_t> errors{0};
+  std::atomic<uint64_t> retrying{0};  // jobs waiting out a back-off
+  std::mutex latency_mutex;
+  uint64_t latency_count = 0;  // guarded by latency_mutex
+  double latency_sum_s = 0;
+  double latency_max_s = 0;
+  std::array<uint64_t, 16> latency_ms_log2{};
+};
+
+// The worker threads, the timers that run on them, and the retry timers in
+// flight (cancelled at shutdown so that joining does not wait for them).
+class FetchEngine::Pool {
+ public:
+  explicit Pool(unsigned threads) : pool(threads), flush_timer(pool) {}
+  asio::thread_pool pool;
+  asio::steady_timer flush_timer;
+  std::mutex timers_mutex;
+  std::set<std::shared_ptr<asio::steady_timer>> retry_timers;  // guarded by timers_mutex
+};
+
+namespace {
+
+uint64_t align_down(uint64_t v, uint64_t block) {
+  return v / block * block;
+}
+uint64_t align_up(uint64_t v, uint64_t block) {
+  uint64_t r = v % block;
+  return r == 0 ? v : v + (block - r);
+}
+bool overlaps(Range a, Range b) {
+  return a.begin < b.end && b.begin < a.end;
+}
+
+}  // namespace
+
+FetchEngine::FetchEngine(std::shared_ptr<Source> source, BlockCache& cache, EngineOptions options)
+    : source_(std::move(source)),
+      cache_(cache),
+      options_(options),
+      counters_(std::make_unique<Counters>()) {
+  if (options_.block_size == 0 || options_.max_request < options_.block_size) {
+    throw std::invalid_argument("block size must be positive and at most the largest request");
+  }
+  options_.max_request = align_down(options_.max_request, options_.block_size);
+  unsigned threads = options_.threads ? options_.threads : source_->max_concurrency();
+  // One more thread than fetches at once, so a cache flush never waits for a
+  // slow transfer to free a thread.
+  pool_ = std::make_unique<Pool>(std::max(1u, threads) + 1);
+  schedule_flush();
+}
+
+FetchEngine::~FetchEngine() {
+  std::vector<std::shared_ptr<Job>> abandoned;
+  {
+    std::lock_guard lock(queue_mutex_);
+    stopping_ = true;
+    for (auto& q : queues_) {
+      for (auto& j : q) {
+        if (!j->started.exchange(true)) abandoned.push_back(j);
+      }
+      q.clear();
+    }
+  }
+  const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
+  for (auto& j : abandoned) {
+    if (j->kind == Job::Kind::kFetch) {
+      fail_blocks(*j->file, j->range, cancelled);
+    } else {
+      on_validated(*j->file, cancelled, {});
+    }
+  }
+  pool_->flush_timer.cancel();
+  {
+    std::lock_guard lock(pool_->timers_mutex);
+    for (auto& t : pool_->retry_timers) t->cancel();
+  }
+  pool_->pool.join();
+  if (auto st = cache_.flush_all(); !st.ok()) {
+    log::error("engine", "cache flush at shutdown failed: {}", st.message());
+  }
+}
+
+FetchEngine::FileId FetchEngine::add_file(const std::string& path,
+                                          std::optional<uint64_t> recorded_size,
+                                          std::optional<uint32_t> recorded_mode) {
+  auto f = std::make_unique<File>();
+  f->path = path;
+  f->recorded_size = recorded_size;
+  f->recorded_mode = recorded_mode;
+  files_.push_back(std::move(f));
+  return static_cast<FileId>(files_.size() - 1);
+}
+
+CacheFile* FetchEngine::cache_file(FileId id) {
+  File& f = *files_.at(id);
+  std::lock_guard lock(f.mutex);
+  return f.cache;
+}
+
+void FetchEngine::file_info(FileId id, InfoCompletion done) {
+  File& f = *files_.at(id);
+  std::unique_lock lock(f.mutex);
+  switch (f.state) {
+    case File::State::kReady: {
+      auto info = f.info;
+      lock.unlock();
+      done({}, info);
+      return;
+    }
+    case File::State::kStale: {
+      auto st = f.stale_status;
+      lock.unlock();
+      done(st, {});
+      return;
+    }
+    case File::State::kUnknown:
+      f.info_waiters.push_back(std::move(done));
+      start_validation(f);  // sets kValidating
+      return;
+    case File::State::kValidating:
+      f.info_waiters.push_back(std::move(done));
+      return;
+  }
+}
+
+// Caller holds f.mutex.
+void FetchEngine::start_validation(File& f) {
+  f.state = File::State::kValidating;
+  auto job = std::make_shared<Job>(Job::Kind::kStat, &f, Range{}, Priority::kDemand);
+  job->deadline = Clock::now() + options_.retry_budget;
+  job->backoff = options_.retry_initial;
+  enqueue(std::move(job));
+}
+
+void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& st) {
+  std::vector<std::function<void()>> pending;
+  std::vector<InfoCompletion> info_waiters;
+  Status result = status;
+  FileInfo info;
+  {
+    std::lock_guard lock(f.mutex);
+    pending.swap(f.pending);
+    info_waiters.swap(f.info_waiters);
+    if (!status.ok()) {
+      // Not stale: the source could not be asked. A later request asks again.
+      f.state = File::State::kUnknown;
+      result = Status::transient(EIO, fmt::format("cannot stat {} on {}: {}", f.path,
+                                                  source_->describe(), status.message()));
+    } else {
+      std::string why;
+      if (f.recorded_mode && (st.mode & S_IFMT) != (*f.recorded_mode & S_IFMT)) {
+        why = fmt::format("type {:o} on the source, {:o} in the checkpoint", st.mode & S_IFMT,
+                          *f.recorded_mode & S_IFMT);
+      } else if (!f.recorded_mode && !S_ISREG(st.mode)) {
+        why = "not a regular file on the source";
+      } else if (f.recorded_size && st.size != *f.recorded_size) {
+        why = fmt::format("size {} on the source, {} in the checkpoint", st.size, *f.recorded_size);
+      }
+      if (!why.empty()) {
+        f.state = File::State::kStale;
+        f.stale_status =
+            Status::permanent(EIO, fmt::format("{} is stale on {}: {}; refusing to serve it",
+                                               f.path, source_->describe(), why));
+        log::error("engine", "stale path={} reason=\"{}\"", f.path, why);
+        result = f.stale_status;
+      } else {
+        f.info.size = f.recorded_size.value_or(st.size);
+        f.info.source = st;
+        Status cst;
+        f.cache = cache_.file(f.path, f.info.size, cst);
+        if (!f.cache) {
+          f.state = File::State::kUnknown;
+          result = Status::transient(EIO, fmt::format("cache for {}: {}", f.path, cst.message()));
+        } else {
+          f.state = File::State::kReady;
+          info = f.info;
+        }
+      }
+    }
+  }
+  for (auto& w : info_waiters) w(result, info);
+  // Each pending request is served now, or failed with the reason.
+  for (auto& p : pending) p();
+}
+
+void FetchEngine::request(FileId id, uint64_t offset, uint64_t length, Priority priority,
+                          Completion done) {
+  File& f = *files_.at(id);
+  ++counters_->requests;
+  std::unique_lock lock(f.mutex);
+  switch (f.state) {
+    case File::State::kReady:
+      lock.unlock();
+      request_validated(f, offset, length, priority, std::move(done));
+      return;
+    case File::State::kStale: {
+      auto st = f.stale_status;
+      lock.unlock();
+      if (done) done(st);
+      return;
+    }
+    case File::State::kUnknown:
+    case File::State::kValidating: {
+      const bool first = f.state == File::State::kUnknown;
+      // Run once validation ends: served if it succeeded, failed if not.
+      f.pending.push_back([this, &f, offset, length, priority, done]() mutable {
+        std::unique_lock l(f.mutex);
+        if (f.state == File::State::kReady) {
+          l.unlock();
+          request_validated(f, offset, length, priority, std::move(done));
+        } else {
+          auto st = f.state == File::State::kStale
+                        ? f.stale_status
+                        : Status::transient(EIO, fmt::format("cannot validate {} on {}", f.path,
+                                                             source_->describe()));
+          l.unlock();
+          if (done) done(st);
+        }
+      });
+      if (first) start_validation(f);
+      return;
+    }
+  }
+}
+
+void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, Priority priority,
+                                    Completion done) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  bool hit = false;
+  {
+    std::lock_guard lock(f.mutex);
+    const uint64_t size = f.cache->size();
+    const uint64_t end = offset >= size ? offset : offset + std::min(length, size - offset);
+    if (offset >= end) {
+      hit = true;
+    } else {
+      const Range want{align_down(offset, options_.block_size),
+                       std::min(align_up(end, options_.block_size), size)};
+      if (f.cache->present(want)) {
+        hit = true;
+      } else if (done) {
+        f.waiters.push_back({want, std::move(done)});
+      }
+      if (!hit) plan_fetches_locked(f, want, priority, jobs);
+      if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
+    }
+  }
+  for (auto& j : jobs) enqueue(std::move(j));
+  if (hit) {
+    ++counters_->cache_hits;
+    if (done) done({});
+  }
+}
+
+// Caller holds f.mutex. Sequential demand reads double the window (from two
+// blocks up to readahead_max); a read elsewhere drops it.
+void FetchEngine::readahead_locked(File& f, uint64_t offset, uint64_t end,
+                                   std::vector<std::shared_ptr<Job>>& jobs) {
+  const uint64_t bs = options_.block_size;
+  const bool sequential = f.last_end != 0 && offset >= f.last_begin && offset <= f.last_end + bs;
+  f.last_begin = offset;
+  f.last_end = std::max(end, sequential ? f.last_end : 0);
+  if (!sequential) {
+    f.ra_window = 0;
+    return;
+  }
+  f.ra_window = std::min(options_.readahead_max, f.ra_window ? f.ra_window * 2 : 2 * bs);
+  const uint64_t size = f.cache->size();
+  const uint64_t from = std::min(align_up(end, bs), size);
+  const Range ra{from, std::min(size, from + f.ra_window)};
+  if (!ra.empty()) plan_fetches_locked(f, ra, Priority::kReadAhead, jobs);
+}
+
+// Caller holds f.mutex. Queues fetches for the missing, not yet in-flight
+// blocks of `range` (block-aligned), and raises queued jobs for its in-flight
+// blocks to `priority`.
+void FetchEngine::plan_fetches_locked(File& f, Range range, Priority priority,
+                                      std::vector<std::shared_ptr<Job>>& jobs) {
+  const uint64_t bs = options_.block_size;
+  const uint64_t size = f.cache->size();
+  for (Range m : f.cache->missing(range)) {
+    m = {align_down(m.begin, bs), std::min(align_up(m.end, bs), size)};
+    RangeSet todo;
+    todo.insert(m);
+    for (Range busy : f.inflight.intersect(m)) todo.erase(busy);
+    for (Range part : todo.ranges()) {
+      for (uint64_t at = part.begin; at < part.end; at += options_.max_request) {
+        Range r{at, std::min(part.end, at + options_.max_request)};
+        auto job = std::make_shared<Job>(Job::Kind::kFetch, &f, r, priority);
+        job->deadline = Clock::now() + options_.retry_budget;
+        job->backoff = options_.retry_initial;
+        f.inflight.insert(r);
+        f.jobs.push_back(job);
+        jobs.push_back(std::move(job));
+        ++counters_->inflight;
+      }
+    }
+  }
+  const int p = static_cast<int>(priority);
+  for (auto& j : f.jobs) {
+    if (j->priority.load() > p && !j->started.load() && overlaps(j->range, range)) {
+      j->priority = p;
+      jobs.push_back(j);  // queued again at the higher priority; the old entry is skipped
+    }
+  }
+}
+
+void FetchEngine::enqueue(std::shared_ptr<Job> job) {
+  {
+    std::lock_guard lock(queue_mutex_);
+    if (stopping_) {
+      job->started = true;
+      // Fall through to fail it below, outside the lock.
+    } else {
+      queues_[static_cast<size_t>(job->priority.load())].push_back(std::move(job));
+      job = nullptr;
+    }
+  }
+  if (job) {
+    const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
+    if (job->kind == Job::Kind::kFetch) {
+      fail_blocks(*job->file, job->range, cancelled);
+    } else {
+      on_validated(*job->file, cancelled, {});
+    }
+    return;
+  }
+  asio::post(pool_->pool, [this] { run_next(); });
+}
+
+void FetchEngine::run_next() {
+  std::shared_ptr<Job> job;
+  {
+    std::lock_guard lock(queue_mutex_);
+    for (auto& q : queues_) {
+      while (!q.empty() && !job) {
+        auto j = std::move(q.front());
+        q.pop_front();
+        if (!j->started.exchange(true)) job = std::move(j);
+      }
+      if (job) break;
+    }
+  }
+  if (!job) return;  // a duplicate entry of a job that already ran
+  if (job->kind == Job::Kind::kStat) {
+    run_stat(job);
+  } else {
+    run_fetch(job);
+  }
+}
+
+void FetchEngine::run_stat(const std::shared_ptr<Job>& job) {
+  SourceStat st;
+  Status status = source_->stat(job->file->path, st);
+  if (!status.ok() && retry_later(job, status)) return;
+  on_validated(*job->file, status, st);
+}
+
+void FetchEngine::run_fetch(const std::shared_ptr<Job>& job) {
+  File& f = *job->file;
+  const Range r = job->range;
+  const uint64_t bs = options_.block_size;
+  const auto t0 = Clock::now();
+  CacheFile* cache;
+  {
+    std::lock_guard lock(f.mutex);
+    cache = f.cache;
+  }
+  uint64_t landed = r.begin;  // bytes in [r.begin, landed) are stored
+  uint64_t woken = r.begin;   // blocks in [r.begin, woken) are announced
+  Status cache_error;
+  Status status =
+      source_->read(f.path, r.begin, r.size(), [&](uint64_t at, std::span<const std::byte> data) {
+        if (!cache_error.ok()) return;
+        if (auto st = cache->write_fetched(at, data); !st.ok()) {
+          cache_error = st;
+          return;
+        }
+        landed = at + data.size();
+        f.fetched_bytes += data.size();
+        counters_->fetched_bytes += data.size();
+        const uint64_t done_to = landed >= r.end ? r.end : align_down(landed, bs);
+        if (done_to > woken) {
+          // Wake whoever waits on the blocks that just became whole.
+          std::vector<Completion> ready;
+          {
+            std::lock_guard lock(f.mutex);
+            f.inflight.erase({woken, done_to});
+            for (auto it = f.waiters.begin(); it != f.waiters.end();) {
+              if (overlaps(it->range, {woken, done_to}) && f.cache->present(it->range)) {
+                ready.push_back(std::move(it->done));
+                it = f.waiters.erase(it);
+              } else {
+                ++it;
+              }
+            }
+          }
+          woken = done_to;
+          for (auto& c : ready) c({});
+        }
+      });
+  record_latency(Clock::now() - t0);
+  ++counters_->fetch_requests;
+
+  if (!cache_error.ok()) {
+    status = Status::permanent(EIO, fmt::format("cache write failed: {}", cache_error.message()));
+  } else if (status.ok() && woken < r.end) {
+    // The source ended before the size it reported: the file changed.
+    status = Status::permanent(EIO, fmt::format("{} ended at {} on {} but should be longer: it "
+                                                "changed on the source",
+                                                f.path, landed, source_->describe()));
+  }
+  if (status.ok()) {
+    std::lock_guard lock(f.mutex);
+    std::erase(f.jobs, job);
+    --counters_->inflight;
+    return;
+  }
+  job->range = {woken, r.end};
+  if (retry_later(job, status)) return;
+  {
+    std::lock_guard lock(f.mutex);
+    std::erase(f.jobs, job);
+  }
+  --counters_->inflight;
+  fail_blocks(f, job->range, Status::transient(EIO, status.message()));
+}
+
+// Schedules the job again after its back-off if the failure is transient and
+// the budget allows; false if the caller must give up.
+bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& status) {
+  const auto now = Clock::now();
+  if (!status.retryable() || now + job->backoff >= job->deadline) {
+    ++counters_->errors;
+    log::error("engine", "giving up path={} off={} len={} reason=\"{}\"", job->file->path,
+               job->range.begin, job->range.size(), status.message());
+    return false;
+  }
+  {
+    std::lock_guard lock(queue_mutex_);
+    if (stopping_) return false;
+  }
+  ++counters_->retries;
+  ++counters_->retrying;
+  log::warn("engine", "retry path={} off={} len={} in_ms={} reason=\"{}\"", job->file->path,
+            job->range.begin, job->range.size(), job->backoff.count(), status.message());
+  auto timer = std::make_shared<asio::steady_timer>(pool_->pool, job->backoff);
+  job->backoff = std::min(options_.retry_max, job->backoff * 2);
+  {
+    std::lock_guard lock(pool_->timers_mutex);
+    pool_->retry_timers.insert(timer);
+  }
+  timer->async_wait([this, job, timer](const boost::system::error_code& ec) {
+    {
+      std::lock_guard lock(pool_->timers_mutex);
+      pool_->retry_timers.erase(timer);
+    }
+    --counters_->retrying;
+    job->started = false;
+    if (ec) {
+      // Cancelled at shutdown.
+      job->started = true;
+      const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
+      if (job->kind == Job::Kind::kFetch) {
+        {
+          std::lock_guard lock(job->file->mutex);
+          std::erase(job->file->jobs, job);
+        }
+        --counters_->inflight;
+        fail_blocks(*job->file, job->range, cancelled);
+      } else {
+        on_validated(*job->file, cancelled, {});
+      }
+      return;
+    }
+    enqueue(job);
+  });
+  return true;
+}
+
+// Gives up on `range` of f: its blocks are no longer in flight and every
+// waiter that needs one of them and lacks it fails with `status`.
+void FetchEngine::fail_blocks(File& f, Range range, const Status& status) {
+  std::vector<Completion> failed;
+  {
+    std::lock_guard lock(f.mutex);
+    f.inflight.erase(range);
+    for (auto it = f.waiters.begin(); it != f.waiters.end();) {
+      if (overlaps(it->range, range) && !f.cache->present(it->range)) {
+        failed.push_back(std::move(it->done));
+        it = f.waiters.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& c : failed) c(status);
+}
+
+void FetchEngine::schedule_flush() {
+  pool_->flush_timer.expires_after(options_.flush_interval);
+  pool_->flush_timer.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    if (auto st = cache_.flush_all(); !st.ok()) {
+      log::error("engine", "cache flush failed: {}", st.message());
+    }
+    schedule_flush();
+  });
+}
+
+void FetchEngine::record_latency(Clock::duration d) {
+  const double s = std::chrono::duration<double>(d).count();
+  const auto ms = static_cast<uint64_t>(s * 1000);
+  size_t bucket = 0;
+  while (bucket + 1 < 16 && (1ull << bucket) <= ms) ++bucket;
+  std::lock_guard lock(counters_->latency_mutex);
+  ++counters_->latency_count;
+  counters_->latency_sum_s += s;
+  counters_->latency_max_s = std::max(counters_->latency_max_s, s);
+  ++counters_->latency_ms_log2[bucket];
+}
+
+EngineStats FetchEngine::stats() const {
+  EngineStats s;
+  s.fetched_bytes = counters_->fetched_bytes;
+  s.fetch_requests = counters_->fetch_requests;
+  s.requests = counters_->requests;
+  s.cache_hits = counters_->cache_hits;
+  s.inflight = counters_->inflight;
+  s.retries = counters_->retries;
+  s.errors = counters_->errors;
+  std::lock_guard lock(counters_->latency_mutex);
+  s.latency_count = counters_->latency_count;
+  s.latency_sum_s = counters_->latency_sum_s;
+  s.latency_max_s = counters_->latency_max_s;
+  s.latency_ms_log2 = counters_->latency_ms_log2;
+  return s;
+}
+
+std::optional<uint64_t> FetchEngine::known_size(FileId id) const {
+  File& f = *files_.at(id);
+  std::lock_guard lock(f.mutex);
+  return f.cache ? std::optional(f.cache->size()) : f.recorded_size;
+}
+
+std::vector<FileStats> FetchEngine::file_stats() const {
+  std::vector<FileStats> out;
+  out.reserve(files_.size());
+  for (const auto& f : files_) {
+    FileStats fs;
+    fs.path = f->path;
+    fs.fetched_bytes = f->fetched_bytes;
+    std::lock_guard lock(f->mutex);
+    fs.size = f->cache ? std::optional(f->cache->size()) : f->recorded_size;
+    fs.stale = f->state == File::State::kStale;
+    if (f->cache) {
+      fs.present_bytes = f->cache->present_bytes();
+      fs.local_bytes = f->cache->local_bytes();
+    }
+    out.push_back(std::move(fs));
+  }
+  return out;
+}
+
+SourceState FetchEngine::source_state() const {
+  if (counters_->retrying > 0) return SourceState::kRetrying;
+  return source_->state();
+}
+
+}  // namespace lazyfs

@@ -1,0 +1,360 @@
+// The fetch engine against a counting fake source: fetch collapse, coalescing,
+// early wake-up, priorities, errors, retries, staleness and restarts.
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <thread>
+
+#include "fake_source.h"
+#include "lazyfs/engine.h"
+#include "lazyfs/fileio.h"
+#include "test_util.h"
+
+using namespace lazyfs;
+using namespace std::chrono_literals;
+using lazyfs::test::FakeSource;
+using lazyfs::test::pattern_byte;
+using lazyfs::test::ScratchDir;
+
+namespace {
+
+constexpr uint64_t kBlock = 64 << 10;
+
+// Collects completions; tests wait on it with a generous bound.
+struct Completions {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::vector<Status> results;
+  std::vector<int> order;  // tags in completion order
+
+  FetchEngine::Completion make(int tag = 0) {
+    return [this, tag](const Status& st) {
+      std::lock_guard lock(mutex);
+      results.push_back(st);
+      order.push_back(tag);
+      cv.notify_all();
+    };
+  }
+  bool wait(size_t n, std::chrono::milliseconds limit = 20s) {
+    std::unique_lock lock(mutex);
+    return cv.wait_for(lock, limit, [&] { return results.size() >= n; });
+  }
+  size_t ok_count() {
+    std::lock_guard lock(mutex);
+    return static_cast<size_t>(
+        std::count_if(results.begin(), results.end(), [](const Status& s) { return s.ok(); }));
+  }
+  size_t count() {
+    std::lock_guard lock(mutex);
+    return results.size();
+  }
+};
+
+struct Rig {
+  ScratchDir dir{"engine"};
+  std::shared_ptr<FakeSource> source;
+  std::unique_ptr<BlockCache> cache;
+  std::unique_ptr<FetchEngine> engine;
+  FetchEngine::FileId file = 0;
+
+  explicit Rig(EngineOptions opts = {}, unsigned concurrency = 4, uint64_t size = 64 * kBlock)
+      : source(std::make_shared<FakeSource>(concurrency)) {
+    source->add("/data/f", size);
+    Status st;
+    cache = BlockCache::open(dir.path() / "cache", "checkpoint-a", st);
+    REQUIRE(st.ok());
+    start(opts, size);
+  }
+  void start(EngineOptions opts, std::optional<uint64_t> size) {
+    if (opts.block_size == EngineOptions{}.block_size) opts.block_size = kBlock;
+    engine = std::make_unique<FetchEngine>(source, *cache, opts);
+    file = engine->add_file("/data/f", size, S_IFREG | 0644);
+  }
+  // Validates the file so later requests go straight to fetching.
+  void validate() {
+    Completions c;
+    engine->file_info(file, [&](const Status& st, const FileInfo&) { c.make()(st); });
+    REQUIRE(c.wait(1));
+    REQUIRE(c.ok_count() == 1);
+  }
+  void check_bytes(uint64_t offset, uint64_t length) {
+    std::vector<std::byte> buf(length);
+    REQUIRE(pread_all(engine->cache_file(file)->fd(), buf.data(), length, offset).value() == 0);
+    for (uint64_t i = 0; i < length; ++i) {
+      if (buf[i] != pattern_byte(offset + i)) FAIL("wrong byte at " << offset + i);
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("64 concurrent readers of one block make one source request", "[engine]") {
+  Rig rig;
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  std::vector<std::thread> readers;
+  for (int i = 0; i < 64; ++i) {
+    readers.emplace_back([&, i] {
+      rig.engine->request(rig.file, 5 * kBlock + static_cast<uint64_t>(i) * 100, 4096,
+                          Priority::kDemand, c.make());
+    });
+  }
+  for (auto& t : readers) t.join();
+  rig.source->wait_for_calls(1);
+  rig.source->open_gate();
+  REQUIRE(c.wait(64));
+  CHECK(c.ok_count() == 64);
+  // Only the first read was random: no read-ahead beyond the one block.
+  auto calls = rig.source->calls();
+  REQUIRE(calls.size() == 1);
+  CHECK(calls[0].offset == 5 * kBlock);
+  CHECK(calls[0].length == kBlock);
+  rig.check_bytes(5 * kBlock, kBlock);
+}
+
+TEST_CASE("adjacent missing blocks are coalesced up to the largest request", "[engine]") {
+  EngineOptions opts;
+  opts.max_request = 4 * kBlock;
+  Rig rig(opts);
+  rig.validate();
+  Completions c;
+  rig.engine->request(rig.file, 3 * kBlock, kBlock, Priority::kDemand, c.make());
+  REQUIRE(c.wait(1));
+  // Blocks 0..9 with block 3 present: [0,3) and [4,10) in chunks of 4 blocks.
+  rig.engine->request(rig.file, 100, 10 * kBlock - 200, Priority::kDemand, c.make());
+  REQUIRE(c.wait(2));
+  CHECK(c.ok_count() == 2);
+  auto calls = rig.source->calls();
+  REQUIRE(calls.size() == 4);
+  CHECK(calls[1].offset == 0);
+  CHECK(calls[1].length == 3 * kBlock);
+  CHECK(calls[2].offset == 4 * kBlock);
+  CHECK(calls[2].length == 4 * kBlock);
+  CHECK(calls[3].offset == 8 * kBlock);
+  CHECK(calls[3].length == 2 * kBlock);
+  rig.check_bytes(0, 10 * kBlock);
+}
+
+TEST_CASE("a waiter wakes when its own blocks land, before the request ends", "[engine]") {
+  Rig rig;
+  rig.validate();
+  rig.source->set_chunk_gate(false);  // each read stops after every 16 KiB chunk
+  Completions first, last;
+  rig.engine->request(rig.file, 0, 8 * kBlock, Priority::kBackground, last.make());
+  rig.engine->request(rig.file, 0, 100, Priority::kDemand, first.make());
+  // Block 0 is four chunks; the read stops after the fourth, with 7 blocks to go.
+  rig.source->wait_for_chunks(4);
+  REQUIRE(first.wait(1));
+  CHECK(first.ok_count() == 1);
+  CHECK(last.count() == 0);
+  rig.source->set_chunk_gate(true);
+  REQUIRE(last.wait(1));
+  CHECK(rig.source->calls().size() == 1);
+}
+
+TEST_CASE("demand goes before read-ahead before background", "[engine]") {
+  EngineOptions opts;
+  opts.threads = 1;
+  Rig rig(opts, 1);
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, c.make(0));  // occupies the worker
+  rig.source->wait_for_calls(1);
+  rig.engine->request(rig.file, 40 * kBlock, kBlock, Priority::kBackground, c.make(3));
+  rig.engine->request(rig.file, 30 * kBlock, kBlock, Priority::kReadAhead, c.make(2));
+  rig.engine->request(rig.file, 20 * kBlock, kBlock, Priority::kDemand, c.make(1));
+  // A queued background job raised by a demand read of its block.
+  rig.engine->request(rig.file, 50 * kBlock, kBlock, Priority::kBackground, c.make(4));
+  rig.engine->request(rig.file, 50 * kBlock, 10, Priority::kDemand, c.make(5));
+  rig.source->open_gate();
+  REQUIRE(c.wait(6));
+  auto calls = rig.source->calls();
+  REQUIRE(calls.size() == 5);
+  CHECK(calls[1].offset == 20 * kBlock);
+  CHECK(calls[2].offset == 50 * kBlock);
+  CHECK(calls[3].offset == 30 * kBlock);
+  CHECK(calls[4].offset == 40 * kBlock);
+}
+
+TEST_CASE("an error fails every waiter of the failed blocks; a later request tries again",
+          "[engine]") {
+  Rig rig;
+  rig.validate();
+  rig.source->close_gate();
+  Completions c, other;
+  for (int i = 0; i < 8; ++i) rig.engine->request(rig.file, 0, 10, Priority::kDemand, c.make());
+  rig.source->wait_for_calls(1);
+  rig.source->fail_next(1, Status::permanent(EACCES, "injected permission error"));
+  rig.source->open_gate();
+  REQUIRE(c.wait(8));
+  CHECK(c.ok_count() == 0);
+  for (const auto& st : c.results) {
+    CHECK(st.errnum() == EIO);
+    CHECK_THAT(st.message(), Catch::Contains("injected permission error"));
+  }
+  rig.engine->request(rig.file, 0, 10, Priority::kDemand, other.make());
+  REQUIRE(other.wait(1));
+  CHECK(other.ok_count() == 1);
+  CHECK(rig.engine->stats().errors == 1);
+}
+
+TEST_CASE("transient errors are retried with back-off", "[engine]") {
+  EngineOptions opts;
+  opts.retry_initial = 10ms;
+  Rig rig(opts);
+  rig.validate();
+  rig.source->fail_next(3, Status::transient(ECONNRESET, "injected reset"));
+  Completions c;
+  rig.engine->request(rig.file, 0, 10, Priority::kDemand, c.make());
+  REQUIRE(c.wait(1));
+  CHECK(c.ok_count() == 1);
+  CHECK(rig.engine->stats().retries == 3);
+}
+
+TEST_CASE("a spent retry budget gives EIO, never a hang", "[engine]") {
+  EngineOptions opts;
+  opts.retry_initial = 10ms;
+  opts.retry_budget = 300ms;
+  Rig rig(opts);
+  rig.validate();
+  rig.source->fail_next(1000000, Status::transient(ETIMEDOUT, "injected stall"));
+  Completions c;
+  rig.engine->request(rig.file, 0, 10, Priority::kDemand, c.make());
+  REQUIRE(c.wait(1, 10s));
+  CHECK(c.results[0].errnum() == EIO);
+  CHECK_THAT(c.results[0].message(), Catch::Contains("injected stall"));
+  CHECK(rig.engine->stats().retries > 0);
+}
+
+TEST_CASE("a file whose size or type changed on the source is stale", "[engine]") {
+  Rig rig;
+  rig.source->add("/data/f", 64 * kBlock + 1);
+  Completions c;
+  rig.engine->request(rig.file, 0, 10, Priority::kDemand, c.make());
+  rig.engine->request(rig.file, kBlock, 10, Priority::kDemand, c.make());
+  REQUIRE(c.wait(2));
+  for (const auto& st : c.results) {
+    CHECK(st.errnum() == EIO);
+    CHECK_THAT(st.message(), Catch::Contains("stale") && Catch::Contains("size 4194305"));
+  }
+  CHECK(rig.source->calls().empty());  // no byte of the other version read
+
+  auto dir_file = rig.engine->add_file("/data/d", std::nullopt, S_IFREG | 0644);
+  rig.source->add("/data/d", 0, S_IFDIR | 0755);
+  Completions d;
+  rig.engine->request(dir_file, 0, 10, Priority::kDemand, d.make());
+  REQUIRE(d.wait(1));
+  CHECK_THAT(d.results[0].message(), Catch::Contains("type"));
+}
+
+TEST_CASE("a file recorded without a size takes the source's", "[engine]") {
+  Rig rig;
+  rig.source->add("/logs/app.log", 1000);
+  auto id = rig.engine->add_file("/logs/app.log", std::nullopt, S_IFREG | 0644);
+  Completions c;
+  FileInfo info;
+  rig.engine->file_info(id, [&](const Status& st, const FileInfo& i) {
+    info = i;
+    c.make()(st);
+  });
+  REQUIRE(c.wait(1));
+  CHECK(info.size == 1000);
+  rig.engine->request(id, 900, 1000, Priority::kDemand, c.make());
+  REQUIRE(c.wait(2));
+  CHECK(c.ok_count() == 2);
+  CHECK(rig.source->calls().at(0).length == 1000);
+}
+
+TEST_CASE("sequential reads grow a read-ahead window; random reads do not", "[engine]") {
+  Rig rig;
+  rig.validate();
+  Completions c;
+  for (uint64_t i = 0; i < 8; ++i) {
+    rig.engine->request(rig.file, i * kBlock, kBlock, Priority::kDemand, c.make());
+    REQUIRE(c.wait(i + 1));
+  }
+  // Read-ahead lands asynchronously; let the engine drain.
+  for (int i = 0; i < 200 && rig.engine->stats().inflight > 0; ++i)
+    std::this_thread::sleep_for(10ms);
+  CHECK(rig.engine->stats().fetched_bytes > 16 * kBlock);
+
+  Rig rnd;
+  rnd.validate();
+  Completions r;
+  for (uint64_t i = 0; i < 8; ++i) {
+    rnd.engine->request(rnd.file, ((i * 37) % 64) * kBlock, 10, Priority::kDemand, r.make());
+    REQUIRE(r.wait(i + 1));
+  }
+  CHECK(rnd.engine->stats().fetched_bytes == 8 * kBlock);
+}
+
+TEST_CASE("a restart on the same cache dir fetches nothing already present", "[engine]") {
+  Rig rig;
+  rig.validate();
+  Completions c;
+  for (uint64_t b : std::initializer_list<uint64_t>{1, 7, 8, 30, 63}) {
+    rig.engine->request(rig.file, b * kBlock + 5, 100, Priority::kDemand, c.make());
+  }
+  REQUIRE(c.wait(5));
+  const auto before = rig.source->calls().size();
+  rig.engine.reset();  // flushes the cache maps
+  rig.cache.reset();
+  Status st;
+  rig.cache = BlockCache::open(rig.dir.path() / "cache", "checkpoint-a", st);
+  REQUIRE(st.ok());
+  rig.start({}, 64 * kBlock);
+  Completions again;
+  for (uint64_t b : std::initializer_list<uint64_t>{1, 7, 8, 30, 63}) {
+    rig.engine->request(rig.file, b * kBlock, kBlock, Priority::kDemand, again.make());
+  }
+  REQUIRE(again.wait(5));
+  CHECK(again.ok_count() == 5);
+  CHECK(rig.source->calls().size() == before);  // no new reads
+  rig.check_bytes(7 * kBlock, 2 * kBlock);
+}
+
+TEST_CASE("bytes written locally survive a fetch that lands later", "[engine]") {
+  Rig rig;
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, c.make());
+  rig.source->wait_for_calls(1);
+  const std::string local = "written by the restored process";
+  REQUIRE(rig.engine->cache_file(rig.file)
+              ->write_local(100, std::as_bytes(std::span(local.data(), local.size())))
+              .ok());
+  rig.source->open_gate();
+  REQUIRE(c.wait(1));
+  std::string got(local.size(), '\0');
+  REQUIRE(pread_all(rig.engine->cache_file(rig.file)->fd(), got.data(), got.size(), 100).value() ==
+          0);
+  CHECK(got == local);
+  rig.check_bytes(0, 100);
+}
+
+TEST_CASE("shutting down fails queued requests instead of hanging", "[engine]") {
+  EngineOptions opts;
+  opts.threads = 1;
+  Rig rig(opts, 1);
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  for (uint64_t i = 0; i < 10; ++i) {
+    rig.engine->request(rig.file, i * 3 * kBlock, 10, Priority::kDemand, c.make());
+  }
+  rig.source->wait_for_calls(1);
+  std::thread opener([&] {
+    std::this_thread::sleep_for(50ms);
+    rig.source->open_gate();
+  });
+  rig.engine.reset();
+  opener.join();
+  REQUIRE(c.count() == 10);
+  CHECK(c.ok_count() == 1);
+  for (const auto& st : c.results) {
+    if (!st.ok()) CHECK(st.errnum() == ECANCELED);
+  }
+}

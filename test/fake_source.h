@@ -1,0 +1,138 @@
+// FakeSource: a Source with files made of a known pattern, that counts what it
+// is asked, can hold reads at a gate until the test opens it, and can fail on
+// command. For engine tests that must see exactly which requests were made.
+#pragma once
+
+#include <sys/stat.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lazyfs/source.h"
+
+namespace lazyfs::test {
+
+// The byte at `offset` of every fake file; never constant over a block.
+inline std::byte pattern_byte(uint64_t offset) {
+  return static_cast<std::byte>((offset * 2654435761u) >> 13);
+}
+
+class FakeSource : public Source {
+ public:
+  struct Call {
+    std::string path;
+    uint64_t offset;
+    uint64_t length;
+  };
+
+  explicit FakeSource(unsigned concurrency = 4, size_t chunk = 16 << 10)
+      : concurrency_(concurrency), chunk_(chunk) {}
+
+  void add(const std::string& path, uint64_t size, uint32_t mode = S_IFREG | 0644) {
+    std::lock_guard lock(mutex_);
+    files_[path] = {size, mode};
+  }
+
+  std::string describe() const override { return "fake://"; }
+  unsigned max_concurrency() const override { return concurrency_; }
+
+  Status stat(const std::string& path, SourceStat& out) override {
+    std::unique_lock lock(mutex_);
+    ++counters_.stats;
+    if (auto st = take_failure_locked(); !st.ok()) return st;
+    auto it = files_.find(path);
+    if (it == files_.end()) return Status::permanent(ENOENT, "no such fake file " + path);
+    out.size = it->second.first;
+    out.mode = it->second.second;
+    return {};
+  }
+
+  Status read(const std::string& path, uint64_t offset, uint64_t length,
+              const ChunkSink& sink) override {
+    std::unique_lock lock(mutex_);
+    calls_.push_back({path, offset, length});
+    ++counters_.reads;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return gate_open_; });
+    if (auto st = take_failure_locked(); !st.ok()) return st;
+    auto it = files_.find(path);
+    if (it == files_.end()) return Status::permanent(ENOENT, "no such fake file " + path);
+    const uint64_t size = it->second.first;
+    lock.unlock();
+    std::vector<std::byte> buf(chunk_);
+    uint64_t end = std::min(size, offset + length);
+    for (uint64_t at = offset; at < end;) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_, end - at));
+      for (size_t i = 0; i < n; ++i) buf[i] = pattern_byte(at + i);
+      counters_.bytes_read += n;
+      sink(at, std::span<const std::byte>(buf.data(), n));
+      at += n;
+      lock.lock();
+      ++chunks_delivered_;
+      cv_.notify_all();
+      cv_.wait(lock, [&] { return chunk_gate_open_ || at >= end; });
+      lock.unlock();
+    }
+    return {};
+  }
+
+  // Reads wait at the gate while it is closed.
+  void close_gate() {
+    std::lock_guard lock(mutex_);
+    gate_open_ = false;
+  }
+  void open_gate() {
+    std::lock_guard lock(mutex_);
+    gate_open_ = true;
+    cv_.notify_all();
+  }
+  // While closed, a read stops after each chunk but its last.
+  void set_chunk_gate(bool open) {
+    std::lock_guard lock(mutex_);
+    chunk_gate_open_ = open;
+    cv_.notify_all();
+  }
+  // The next `n` reads or stats fail with `status`.
+  void fail_next(unsigned n, Status status) {
+    std::lock_guard lock(mutex_);
+    failures_left_ = n;
+    failure_ = std::move(status);
+  }
+  void wait_for_calls(size_t n) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return calls_.size() >= n; });
+  }
+  void wait_for_chunks(size_t n) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return chunks_delivered_ >= n; });
+  }
+  std::vector<Call> calls() const {
+    std::lock_guard lock(mutex_);
+    return calls_;
+  }
+
+ private:
+  Status take_failure_locked() {
+    if (failures_left_ == 0) return {};
+    --failures_left_;
+    return failure_;
+  }
+
+  unsigned concurrency_;
+  size_t chunk_;
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::string, std::pair<uint64_t, uint32_t>> files_;
+  std::vector<Call> calls_;
+  bool gate_open_ = true;
+  bool chunk_gate_open_ = true;
+  size_t chunks_delivered_ = 0;
+  unsigned failures_left_ = 0;
+  Status failure_;
+};
+
+}  // namespace lazyfs::test
