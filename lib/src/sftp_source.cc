@@ -39,6 +39,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <system_error>
 
 #include "lazyfs/fileio.h"
@@ -569,16 +570,32 @@ Status Session::connect(std::mutex& known_hosts_mu) {
 // types follow, so a server without the known type still completes the
 // handshake and gets a clear refusal.
 void Session::prefer_known_key_types(const KnownHosts& known) {
+  // libssh2 1.10 strips methods it does not support from a preference list
+  // with an overlapping memcpy (AddressSanitizer catches it): offer only
+  // supported ones.
+  std::set<std::string, std::less<>> supported;
+  const char** algs = nullptr;
+  int count = libssh2_session_supported_algs(session_, LIBSSH2_METHOD_HOSTKEY, &algs);
+  for (int i = 0; i < count; ++i) supported.insert(algs[i]);
+  if (algs) libssh2_free(session_, algs);
+
   std::string known_methods, other_methods;
   for (const auto& t : kKeyTypes) {
-    auto& list =
-        known.has_key_type(s_.host, s_.port, t.knownhost_type) ? known_methods : other_methods;
-    if (!list.empty()) list += ',';
-    list += t.methods;
+    const bool is_known = known.has_key_type(s_.host, s_.port, t.knownhost_type);
+    host_known_ = host_known_ || is_known;
+    auto& list = is_known ? known_methods : other_methods;
+    std::string_view names = t.methods;
+    while (!names.empty()) {
+      auto comma = names.find(',');
+      auto name = names.substr(0, comma);
+      names = comma == std::string_view::npos ? std::string_view() : names.substr(comma + 1);
+      if (!supported.count(name)) continue;
+      if (!list.empty()) list += ',';
+      list += name;
+    }
   }
-  host_known_ = !known_methods.empty();
-  if (!host_known_) return;
-  auto methods = known_methods + "," + other_methods;
+  if (!host_known_ || known_methods.empty()) return;
+  auto methods = other_methods.empty() ? known_methods : known_methods + "," + other_methods;
   if (libssh2_session_method_pref(session_, LIBSSH2_METHOD_HOSTKEY, methods.c_str()) != 0) {
     log::warn(kLog, "host key preference not accepted endpoint={} methods={}", s_.endpoint,
               methods);
