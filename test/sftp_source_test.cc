@@ -265,6 +265,26 @@ TEST_CASE("sftp source: stat matches the file and missing files are ENOENT", "[s
   CHECK(source->counters().connects == 1);
 }
 
+TEST_CASE("sftp source: a sink that throws gives its session back", "[sftp]") {
+  SshServer server;
+  const auto file = server.dir() / "data.bin";
+  const auto bytes = make_random_file(file, 8 * kMiB, 4);
+  auto options = server.options();
+  options.connections = 1;
+  auto source = connect(options);
+  for (int i = 0; i < 3; ++i) {
+    CHECK_THROWS_AS(source->read(file.string(), 0, bytes.size(),
+                                 [](uint64_t, std::span<const std::byte>) {
+                                   throw std::runtime_error("sink");
+                                 }),
+                    std::runtime_error);
+  }
+  // With one connection, a lost slot would block here forever.
+  auto r = read_range(*source, file.string(), 100, kMiB);
+  REQUIRE(r.status.ok());
+  CHECK(r.data == expected_slice(bytes, 100, kMiB));
+}
+
 TEST_CASE("sftp source: pool opens at most `connections` sessions", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";

@@ -423,6 +423,7 @@ class Session {
   // A session that saw a socket, time-out or protocol error: its stream is in
   // an unknown state and must not be used again.
   bool broken() const { return broken_; }
+  void mark_broken() { broken_ = true; }
   bool timed_out() const { return timed_out_; }
 
   Status connect(std::mutex& known_hosts_mu);
@@ -1075,7 +1076,15 @@ class SftpSource final : public Source {
       auto st = checkout(session, fresh);
       if (!st.ok()) return st;
       bool progressed = false;
-      st = op(*session, progressed);
+      try {
+        st = op(*session, progressed);
+      } catch (...) {
+        // A sink that throws leaves replies unread: the session cannot be
+        // reused, but its pool slot must come back.
+        session->mark_broken();
+        checkin(std::move(session));
+        throw;
+      }
       const bool retry = !st.ok() && session->broken() && !session->timed_out() && !fresh &&
                          !progressed && attempt == 0;
       if (st.ok() || !session->broken()) {
