@@ -173,7 +173,7 @@ TEST_CASE("parse_sftp_uri rejects malformed input with a reason", "[sftp][uri]")
   }
 }
 
-TEST_CASE("SftpSource reads random ranges byte for byte", "[sftp]") {
+TEST_CASE("sftp source: reads random ranges byte for byte", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";
   const auto bytes = make_random_file(file, 64 * kMiB, 42);
@@ -229,7 +229,7 @@ TEST_CASE("SftpSource reads random ranges byte for byte", "[sftp]") {
   }
 }
 
-TEST_CASE("SftpSource stat matches the file and missing files are ENOENT", "[sftp]") {
+TEST_CASE("sftp source: stat matches the file and missing files are ENOENT", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "small";
   make_random_file(file, 12345, 1);
@@ -265,7 +265,27 @@ TEST_CASE("SftpSource stat matches the file and missing files are ENOENT", "[sft
   CHECK(source->counters().connects == 1);
 }
 
-TEST_CASE("SftpSource pool opens at most `connections` sessions", "[sftp]") {
+TEST_CASE("sftp source: a sink that throws gives its session back", "[sftp]") {
+  SshServer server;
+  const auto file = server.dir() / "data.bin";
+  const auto bytes = make_random_file(file, 8 * kMiB, 4);
+  auto options = server.options();
+  options.connections = 1;
+  auto source = connect(options);
+  for (int i = 0; i < 3; ++i) {
+    CHECK_THROWS_AS(source->read(file.string(), 0, bytes.size(),
+                                 [](uint64_t, std::span<const std::byte>) {
+                                   throw std::runtime_error("sink");
+                                 }),
+                    std::runtime_error);
+  }
+  // With one connection, a lost slot would block here forever.
+  auto r = read_range(*source, file.string(), 100, kMiB);
+  REQUIRE(r.status.ok());
+  CHECK(r.data == expected_slice(bytes, 100, kMiB));
+}
+
+TEST_CASE("sftp source: pool opens at most `connections` sessions", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";
   const auto bytes = make_random_file(file, 16 * kMiB, 3);
@@ -301,7 +321,7 @@ TEST_CASE("SftpSource pool opens at most `connections` sessions", "[sftp]") {
   CHECK(server.logins() - logins_before == source->counters().connects);
 }
 
-TEST_CASE("SftpSource checks host keys", "[sftp]") {
+TEST_CASE("sftp source: checks host keys", "[sftp]") {
   SshServer server;
   ScratchDir tmp("hostkeys");
   const auto endpoint = fmt::format("127.0.0.1:{}", server.port());
@@ -403,7 +423,7 @@ TEST_CASE("SftpSource checks host keys", "[sftp]") {
   }
 }
 
-TEST_CASE("SftpSource authentication", "[sftp]") {
+TEST_CASE("sftp source: authentication", "[sftp]") {
   SshServer server;
   ScratchDir tmp("auth");
   ::unsetenv("SSH_AUTH_SOCK");  // no agent: only the given keys count
@@ -429,7 +449,7 @@ TEST_CASE("SftpSource authentication", "[sftp]") {
   }
 }
 
-TEST_CASE("SftpSource reports an unreachable server at start", "[sftp]") {
+TEST_CASE("sftp source: reports an unreachable server at start", "[sftp]") {
   SshServer server;
   auto options = server.options();
   server.stop();
@@ -442,7 +462,7 @@ TEST_CASE("SftpSource reports an unreachable server at start", "[sftp]") {
       fmt::format("cannot connect to sftp://root@127.0.0.1:{}: Connection refused", server.port()));
 }
 
-TEST_CASE("SftpSource fails within the stall timeout when sshd hangs, then recovers", "[sftp]") {
+TEST_CASE("sftp source: fails within the stall timeout when sshd hangs, then recovers", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";
   const auto bytes = make_random_file(file, 64 * kMiB, 5);
@@ -486,7 +506,7 @@ TEST_CASE("SftpSource fails within the stall timeout when sshd hangs, then recov
   CHECK(source->state() == SourceState::kConnected);
 }
 
-TEST_CASE("SftpSource survives sshd killed mid-transfer and started again", "[sftp]") {
+TEST_CASE("sftp source: survives sshd killed mid-transfer and started again", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";
   const auto bytes = make_random_file(file, 64 * kMiB, 6);
@@ -527,7 +547,7 @@ TEST_CASE("SftpSource survives sshd killed mid-transfer and started again", "[sf
 
 // Fails if the source ever reads past the asked range at the server, as
 // libcurl/libssh2's sftp_read does.
-TEST_CASE("SftpSource makes the server read exactly the asked bytes", "[sftp][overread]") {
+TEST_CASE("sftp source: makes the server read exactly the asked bytes", "[sftp][overread]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";
   const uint64_t size = 32 * kMiB + 777;

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -215,20 +216,29 @@ void SshServer::start() {
   ::chmod("/run/sshd", 0755);
   const size_t listening_before = count_lines_with(sshd_log(), "Server listening on");
 
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 2, sshd_log_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                   0644);
   std::vector<std::string> args{kSshd, "-D", "-e", "-f", config_.string()};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  pid_t pid = -1;
-  int rc = ::posix_spawn(&pid, kSshd, &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) throw std::runtime_error(fmt::format("cannot start {}", kSshd));
+  const pid_t parent = ::getpid();
+  // fork and exec by hand rather than posix_spawn, for PR_SET_PDEATHSIG: a
+  // test process that dies without running destructors (abort, sanitizer)
+  // takes its sshd along. Only async-signal-safe calls after fork.
+  pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);
+    int in = ::open("/dev/null", O_RDONLY);
+    int out = ::open("/dev/null", O_WRONLY);
+    int err = ::open(sshd_log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (in < 0 || out < 0 || err < 0 || ::dup2(in, 0) < 0 || ::dup2(out, 1) < 0 ||
+        ::dup2(err, 2) < 0) {
+      ::_exit(127);
+    }
+    ::execv(kSshd, argv.data());
+    ::_exit(127);
+  }
   pid_ = pid;
 
   const auto deadline = std::chrono::steady_clock::now() + 15s;

@@ -5,6 +5,8 @@
 // logs); the machine's own ~/.ssh and /etc/ssh are never read or written.
 // The port is a free one picked by the kernel, so several test processes can
 // run at once. Needs root (sshd's privilege separation) and /usr/sbin/sshd.
+// sshd is killed when the thread that started it exits (PR_SET_PDEATHSIG),
+// so keep a server on the thread that owns it.
 //
 // The sftp subsystem is OpenSSH's sftp-server with INFO logging sent to a
 // file, so a test can tell how many bytes the server read from each file it

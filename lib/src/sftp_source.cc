@@ -39,6 +39,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <system_error>
 
 #include "lazyfs/fileio.h"
@@ -422,6 +423,7 @@ class Session {
   // A session that saw a socket, time-out or protocol error: its stream is in
   // an unknown state and must not be used again.
   bool broken() const { return broken_; }
+  void mark_broken() { broken_ = true; }
   bool timed_out() const { return timed_out_; }
 
   Status connect(std::mutex& known_hosts_mu);
@@ -569,16 +571,32 @@ Status Session::connect(std::mutex& known_hosts_mu) {
 // types follow, so a server without the known type still completes the
 // handshake and gets a clear refusal.
 void Session::prefer_known_key_types(const KnownHosts& known) {
+  // libssh2 1.10 strips methods it does not support from a preference list
+  // with an overlapping memcpy (AddressSanitizer catches it): offer only
+  // supported ones.
+  std::set<std::string, std::less<>> supported;
+  const char** algs = nullptr;
+  int count = libssh2_session_supported_algs(session_, LIBSSH2_METHOD_HOSTKEY, &algs);
+  for (int i = 0; i < count; ++i) supported.insert(algs[i]);
+  if (algs) libssh2_free(session_, algs);
+
   std::string known_methods, other_methods;
   for (const auto& t : kKeyTypes) {
-    auto& list =
-        known.has_key_type(s_.host, s_.port, t.knownhost_type) ? known_methods : other_methods;
-    if (!list.empty()) list += ',';
-    list += t.methods;
+    const bool is_known = known.has_key_type(s_.host, s_.port, t.knownhost_type);
+    host_known_ = host_known_ || is_known;
+    auto& list = is_known ? known_methods : other_methods;
+    std::string_view names = t.methods;
+    while (!names.empty()) {
+      auto comma = names.find(',');
+      auto name = names.substr(0, comma);
+      names = comma == std::string_view::npos ? std::string_view() : names.substr(comma + 1);
+      if (!supported.count(name)) continue;
+      if (!list.empty()) list += ',';
+      list += name;
+    }
   }
-  host_known_ = !known_methods.empty();
-  if (!host_known_) return;
-  auto methods = known_methods + "," + other_methods;
+  if (!host_known_ || known_methods.empty()) return;
+  auto methods = other_methods.empty() ? known_methods : known_methods + "," + other_methods;
   if (libssh2_session_method_pref(session_, LIBSSH2_METHOD_HOSTKEY, methods.c_str()) != 0) {
     log::warn(kLog, "host key preference not accepted endpoint={} methods={}", s_.endpoint,
               methods);
@@ -1058,7 +1076,15 @@ class SftpSource final : public Source {
       auto st = checkout(session, fresh);
       if (!st.ok()) return st;
       bool progressed = false;
-      st = op(*session, progressed);
+      try {
+        st = op(*session, progressed);
+      } catch (...) {
+        // A sink that throws leaves replies unread: the session cannot be
+        // reused, but its pool slot must come back.
+        session->mark_broken();
+        checkin(std::move(session));
+        throw;
+      }
       const bool retry = !st.ok() && session->broken() && !session->timed_out() && !fresh &&
                          !progressed && attempt == 0;
       if (st.ok() || !session->broken()) {
