@@ -53,6 +53,7 @@ LazyFs& fs_of(fuse_req_t req) {
 
 void on_interrupt(fuse_req_t req, void* data) {
   auto id = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(data));
+  log::debug("fuse", "interrupt id={}", id);
   if (fuse_req_t parked = fs_of(req).replies().claim(id)) fuse_reply_err(parked, EINTR);
 }
 
@@ -186,8 +187,11 @@ void lfs_init(void*, fuse_conn_info* conn) {
     if (conn->capable & cap) conn->want |= cap;
   }
   // Locks stay in the kernel (the restored process's flock/fcntl locks work
-  // locally); writes go straight to us so local bytes are never stale.
-  conn->want &= ~unsigned{FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_WRITEBACK_CACHE};
+  // locally); writes go straight to us so local bytes are never stale; and
+  // direct I/O stays synchronous, so a signal can interrupt a parked direct
+  // read (with async DIO the kernel waits for the answer uninterruptibly).
+  conn->want &= ~unsigned{FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_WRITEBACK_CACHE |
+                          FUSE_CAP_ASYNC_DIO};
 }
 
 void lfs_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {

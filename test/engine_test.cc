@@ -139,16 +139,16 @@ TEST_CASE("adjacent missing blocks are coalesced up to the largest request", "[e
 TEST_CASE("a waiter wakes when its own blocks land, before the request ends", "[engine]") {
   Rig rig;
   rig.validate();
-  rig.source->set_chunk_gate(false);  // each read stops after every 16 KiB chunk
+  rig.source->pause_after_chunks(4);  // block 0 is four 16 KiB chunks
   Completions first, last;
   rig.engine->request(rig.file, 0, 8 * kBlock, Priority::kBackground, last.make());
   rig.engine->request(rig.file, 0, 100, Priority::kDemand, first.make());
-  // Block 0 is four chunks; the read stops after the fourth, with 7 blocks to go.
+  // The read stops after block 0, with 7 blocks to go.
   rig.source->wait_for_chunks(4);
   REQUIRE(first.wait(1));
   CHECK(first.ok_count() == 1);
   CHECK(last.count() == 0);
-  rig.source->set_chunk_gate(true);
+  rig.source->pause_after_chunks(SIZE_MAX);
   REQUIRE(last.wait(1));
   CHECK(rig.source->calls().size() == 1);
 }

@@ -74,7 +74,7 @@ class FakeSource : public Source {
       lock.lock();
       ++chunks_delivered_;
       cv_.notify_all();
-      cv_.wait(lock, [&] { return chunk_gate_open_ || at >= end; });
+      cv_.wait(lock, [&] { return chunks_delivered_ < pause_after_chunks_ || at >= end; });
       lock.unlock();
     }
     return {};
@@ -90,10 +90,11 @@ class FakeSource : public Source {
     gate_open_ = true;
     cv_.notify_all();
   }
-  // While closed, a read stops after each chunk but its last.
-  void set_chunk_gate(bool open) {
+  // Reads stop (before their last chunk) once `n` chunks were delivered in
+  // all, until pause_after_chunks(SIZE_MAX) lets them go on.
+  void pause_after_chunks(size_t n) {
     std::lock_guard lock(mutex_);
-    chunk_gate_open_ = open;
+    pause_after_chunks_ = n;
     cv_.notify_all();
   }
   // The next `n` reads or stats fail with `status`.
@@ -129,7 +130,7 @@ class FakeSource : public Source {
   std::map<std::string, std::pair<uint64_t, uint32_t>> files_;
   std::vector<Call> calls_;
   bool gate_open_ = true;
-  bool chunk_gate_open_ = true;
+  size_t pause_after_chunks_ = SIZE_MAX;
   size_t chunks_delivered_ = 0;
   unsigned failures_left_ = 0;
   Status failure_;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -63,6 +64,18 @@ void populate_source(const Catalog& catalog, const std::filesystem::path& root) 
   }
 }
 
+bool is_mounted(const std::filesystem::path& path) {
+  std::ifstream in("/proc/self/mounts");
+  std::string dev, mp;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    fields >> dev >> mp;
+    if (mp == path.string()) return true;
+  }
+  return false;
+}
+
 std::vector<uint8_t> read_file(const std::filesystem::path& file) {
   return read_bytes(file);
 }
@@ -74,7 +87,8 @@ LazyfsMount::LazyfsMount(const std::filesystem::path& mountpoint,
   // The detached daemon's parent exits; as subreaper this process inherits
   // and reaps it, so a stopped daemon never lingers as a zombie.
   ::prctl(PR_SET_CHILD_SUBREAPER, 1);
-  std::filesystem::create_directories(mountpoint);
+  std::error_code ec;  // a stale mount there is for `lazyfs mount` to replace
+  std::filesystem::create_directories(mountpoint, ec);
   std::vector<std::string> args{"mount"};
   args.insert(args.end(), extra.begin(), extra.end());
   args.push_back(mountpoint.string());

@@ -48,6 +48,9 @@ class LazyfsMount {
   pid_t pid_ = -1;
 };
 
+// Whether something is mounted at `path` (per /proc/self/mounts).
+bool is_mounted(const std::filesystem::path& path);
+
 // Reads a whole file; throws on error.
 std::vector<uint8_t> read_file(const std::filesystem::path& file);
 

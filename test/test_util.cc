@@ -55,6 +55,7 @@ CommandResult run_program(const std::string& program, const std::vector<std::str
   ScratchDir tmp("cmd");
   auto out_path = tmp.path() / "out";
   auto err_path = tmp.path() / "err";
+  std::fflush(nullptr);  // or the child's freopen writes our buffered output again
   pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {

@@ -42,7 +42,9 @@ struct FetchEngine::File {
   std::vector<Waiter> waiters;
   std::vector<std::function<void()>> pending;  // requests waiting for validation
   std::vector<InfoCompletion> info_waiters;
-  // Read-ahead: where the last demand read was, and the current window.
+  // Read-ahead: the first and last block of the last demand read (if any),
+  // and the current window.
+  bool read_before = false;
   uint64_t last_begin = 0;
   uint64_t last_end = 0;
   uint64_t ra_window = 0;
@@ -114,10 +116,10 @@ FetchEngine::FetchEngine(std::shared_ptr<Source> source, BlockCache& cache, Engi
     throw std::invalid_argument("block size must be positive and at most the largest request");
   }
   options_.max_request = align_down(options_.max_request, options_.block_size);
-  unsigned threads = options_.threads ? options_.threads : source_->max_concurrency();
-  // One more thread than fetches at once, so a cache flush never waits for a
-  // slow transfer to free a thread.
-  pool_ = std::make_unique<Pool>(std::max(1u, threads) + 1);
+  workers_ = std::max(1u, options_.threads ? options_.threads : source_->max_concurrency());
+  // One more thread than source requests at once, so that a cache flush or a
+  // retry timer never waits for a slow transfer to free a thread.
+  pool_ = std::make_unique<Pool>(workers_ + 1);
   schedule_flush();
 }
 
@@ -324,21 +326,29 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
   }
 }
 
-// Caller holds f.mutex. Sequential demand reads double the window (from two
-// blocks up to readahead_max); a read elsewhere drops it.
+// Caller holds f.mutex. A demand read that moves on past the blocks read
+// last doubles the window (from two blocks up to readahead_max) and fetches
+// that far ahead; a read within the last blocks changes nothing (concurrent
+// readers of one region); a read elsewhere drops the window.
 void FetchEngine::readahead_locked(File& f, uint64_t offset, uint64_t end,
                                    std::vector<std::shared_ptr<Job>>& jobs) {
   const uint64_t bs = options_.block_size;
-  const bool sequential = f.last_end != 0 && offset >= f.last_begin && offset <= f.last_end + bs;
-  f.last_begin = offset;
-  f.last_end = std::max(end, sequential ? f.last_end : 0);
-  if (!sequential) {
+  const uint64_t b0 = offset / bs;
+  const uint64_t b1 = (end - 1) / bs;
+  const bool seen = f.read_before;
+  const bool within = seen && b0 >= f.last_begin && b1 <= f.last_end;
+  const bool onward = seen && b0 <= f.last_end + 1 && b1 > f.last_end && b0 >= f.last_begin;
+  if (within) return;
+  f.read_before = true;
+  f.last_begin = b0;
+  f.last_end = b1;
+  if (!onward) {
     f.ra_window = 0;
     return;
   }
   f.ra_window = std::min(options_.readahead_max, f.ra_window ? f.ra_window * 2 : 2 * bs);
   const uint64_t size = f.cache->size();
-  const uint64_t from = std::min(align_up(end, bs), size);
+  const uint64_t from = std::min((b1 + 1) * bs, size);
   const Range ra{from, std::min(size, from + f.ra_window)};
   if (!ra.empty()) plan_fetches_locked(f, ra, Priority::kReadAhead, jobs);
 }
@@ -404,6 +414,7 @@ void FetchEngine::run_next() {
   std::shared_ptr<Job> job;
   {
     std::lock_guard lock(queue_mutex_);
+    if (running_ >= workers_) return;  // a job that ends posts run_next again
     for (auto& q : queues_) {
       while (!q.empty() && !job) {
         auto j = std::move(q.front());
@@ -412,13 +423,21 @@ void FetchEngine::run_next() {
       }
       if (job) break;
     }
+    if (!job) return;  // a duplicate entry of a job that already ran
+    ++running_;
   }
-  if (!job) return;  // a duplicate entry of a job that already ran
   if (job->kind == Job::Kind::kStat) {
     run_stat(job);
   } else {
     run_fetch(job);
   }
+  bool more = false;
+  {
+    std::lock_guard lock(queue_mutex_);
+    --running_;
+    for (const auto& q : queues_) more = more || !q.empty();
+  }
+  if (more) asio::post(pool_->pool, [this] { run_next(); });
 }
 
 void FetchEngine::run_stat(const std::shared_ptr<Job>& job) {

@@ -165,6 +165,8 @@ class FetchEngine {
   mutable std::mutex queue_mutex_;
   std::array<std::deque<std::shared_ptr<Job>>, kPriorityCount> queues_;  // guarded
   bool stopping_ = false;                                                // guarded
+  unsigned running_ = 0;  // guarded: jobs running now, at most workers_
+  unsigned workers_ = 1;
 
   struct Counters;
   std::unique_ptr<Counters> counters_;

@@ -1,0 +1,162 @@
+// Real FUSE mounts served over SFTP from a real OpenSSH sshd on 127.0.0.1:
+// byte-identical reads, a source that goes away and comes back, and a read
+// interrupted while it waits on a hung server.
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <future>
+#include <thread>
+
+#include "mount_fixture.h"
+#include "sshd_fixture.h"
+#include "test_util.h"
+
+using namespace lazyfs;
+using namespace lazyfs::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr uint64_t kBlock = 128 << 10;
+const std::string kBig = "/srv/lazyfs-fixture-a/data/big.bin";
+
+struct SftpRig {
+  SshServer sshd;
+  ScratchDir dir{"sftpmount"};
+  std::filesystem::path images = dir.path() / "images";
+  std::filesystem::path source = dir.path() / "source";
+  std::filesystem::path mnt = dir.path() / "mnt";
+  Catalog catalog;
+  std::unique_ptr<LazyfsMount> mount;
+
+  explicit SftpRig(const std::vector<std::string>& extra = {}) : catalog(load()) {
+    populate_source(catalog, source);
+    std::vector<std::string> args{"--cache-dir",   (dir.path() / "cache").string(),
+                                  "--identity",    sshd.user_key().string(),
+                                  "--known-hosts", sshd.known_hosts().string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    mount = std::make_unique<LazyfsMount>(
+        mnt, images, "sftp://root@127.0.0.1:" + std::to_string(sshd.port()) + source.string(),
+        args);
+  }
+  Catalog load() {
+    copy_fixture(images);
+    return Catalog::load(images);
+  }
+  std::string at(const std::string& p) const { return mount->at(p).string(); }
+};
+
+std::vector<uint8_t> pread_bytes(int fd, uint64_t off, size_t len, int& err) {
+  // Page-aligned, for O_DIRECT.
+  auto* mem = static_cast<uint8_t*>(std::aligned_alloc(4096, (len + 4095) / 4096 * 4096));
+  ssize_t n = ::pread(fd, mem, len, static_cast<off_t>(off));
+  err = n < 0 ? errno : 0;
+  std::vector<uint8_t> buf(mem, mem + (n < 0 ? 0 : n));
+  std::free(mem);
+  return buf;
+}
+
+}  // namespace
+
+TEST_CASE("over SFTP every served file reads byte-identical", "[mount][sftp]") {
+  SftpRig rig;
+  for (const auto& f : rig.catalog.files()) {
+    INFO(f.path);
+    auto expected = source_bytes(f.path, 0, f.size.value_or(kAppendSize));
+    if (f.has_build_id)
+      std::memcpy(expected.data(),
+                  "\x7f"
+                  "ELF",
+                  4);
+    CHECK(read_file(rig.at(f.path)) == expected);
+  }
+  auto st = rig.mount->status();
+  CHECK(st["source"]["state"] == "connected");
+  CHECK(st["source"]["connects"].get<uint64_t>() <= 4);
+  CHECK(st["errors"] == 0);
+  // The server read no byte more than the mount fetched.
+  CHECK(rig.sshd.wait_for_closes(1, 5s));
+  CHECK(rig.sshd.bytes_read() <= st["fetched_bytes"].get<uint64_t>());
+}
+
+TEST_CASE("the mount outlives its source: EIO after the budget, cached bytes still served",
+          "[mount][sftp]") {
+  SftpRig rig({"--timeout", "3"});
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+  int err = 0;
+  CHECK(pread_bytes(fd, 0, 4096, err) == source_bytes(kBig, 0, 4096));
+
+  rig.sshd.stop();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto got = pread_bytes(fd, 50 * kBlock, 4096, err);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  CHECK(err == EIO);
+  CHECK(waited < 30s);  // bounded by --timeout (3 s) plus one stall time-out
+  CHECK(pread_bytes(fd, 0, 4096, err) == source_bytes(kBig, 0, 4096));  // cached
+  auto st = rig.mount->status();
+  CHECK(st["errors"].get<uint64_t>() >= 1);
+
+  rig.sshd.start();
+  CHECK(pread_bytes(fd, 50 * kBlock, 4096, err) == source_bytes(kBig, 50 * kBlock, 4096));
+  CHECK(err == 0);
+  ::close(fd);
+}
+
+namespace {
+void on_usr1(int) {}
+}  // namespace
+
+TEST_CASE("a read parked on a hung server is interrupted with EINTR", "[mount][sftp]") {
+  SftpRig rig({"--timeout", "60"});
+  // O_DIRECT: a read through the page cache waits killably, so only a fatal
+  // signal ends it and the kernel sends no FUSE interrupt; a direct read
+  // waits interruptibly, and the kernel forwards the signal to lazyfs.
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY | O_DIRECT);
+  REQUIRE(fd >= 0);
+  struct sigaction sa {};
+  sa.sa_handler = on_usr1;  // no SA_RESTART: the read must come back
+  ::sigaction(SIGUSR1, &sa, nullptr);
+  rig.sshd.pause();
+  std::promise<pthread_t> self;
+  auto reader = std::async(std::launch::async, [&] {
+    self.set_value(::pthread_self());
+    int err = 0;
+    pread_bytes(fd, 60 * kBlock, 4096, err);
+    return err;
+  });
+  const pthread_t tid = self.get_future().get();
+  std::this_thread::sleep_for(500ms);  // let the read reach the daemon and park
+  ::pthread_kill(tid, SIGUSR1);
+  REQUIRE(reader.wait_for(10s) == std::future_status::ready);
+  CHECK(reader.get() == EINTR);
+  rig.sshd.resume();
+  int err = 0;
+  CHECK(pread_bytes(fd, 60 * kBlock, 4096, err) == source_bytes(kBig, 60 * kBlock, 4096));
+  ::close(fd);
+}
+
+TEST_CASE("mounting with an unknown host key or an unreachable host fails clearly",
+          "[mount][sftp]") {
+  SshServer sshd;
+  ScratchDir dir("sftpbad");
+  copy_fixture(dir.path() / "images");
+  std::filesystem::create_directories(dir.path() / "mnt");
+  const auto uri = "sftp://root@127.0.0.1:" + std::to_string(sshd.port()) + "/";
+  auto r = run_lazyfs({"mount", "--cache-dir", (dir.path() / "c").string(), "--identity",
+                       sshd.user_key().string(), "--known-hosts", sshd.wrong_known_hosts().string(),
+                       (dir.path() / "mnt").string(), (dir.path() / "images").string(), uri});
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Catch::Contains("127.0.0.1") && Catch::Contains("host key"));
+  sshd.stop();
+  r = run_lazyfs({"mount", "--cache-dir", (dir.path() / "c").string(), "--identity",
+                  sshd.user_key().string(), "--known-hosts", sshd.known_hosts().string(),
+                  (dir.path() / "mnt").string(), (dir.path() / "images").string(), uri});
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Catch::Contains("127.0.0.1") && Catch::Contains("refused"));
+}
