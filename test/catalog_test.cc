@@ -12,6 +12,7 @@
 #include "criu/fdinfo.pb.h"
 #include "criu/regfile.pb.h"
 #include "lazyfs/catalog.h"
+#include "lazyfs/checkpoint_writer.h"
 #include "lazyfs/image.h"
 #include "test_util.h"
 
@@ -220,4 +221,22 @@ TEST_CASE("missing directories and images are clear errors", "[catalog]") {
   ScratchDir dir("empty");
   CHECK_THROWS_WITH(Catalog::load(dir.path()), Catch::Contains("no files.img or reg-files.img"));
   CHECK_THROWS_WITH(Catalog::load(kFixture / "files.img"), Catch::Contains("not a directory"));
+}
+
+TEST_CASE("a checkpoint written by write_checkpoint reads back", "[catalog]") {
+  ScratchDir dir("writer");
+  write_checkpoint(dir.path() / "ckpt",
+                   {{"/srv/a.bin", 1000, S_IFREG | 0640, 0, 0},
+                    {"/srv/logs/app.log", std::nullopt, S_IFREG | 0644, O_WRONLY | O_APPEND, 0},
+                    {"/srv/work", std::nullopt, S_IFDIR | 0755, 0, 0}},
+                   "run-1");
+  auto cat = Catalog::load(dir.path() / "ckpt");
+  REQUIRE(cat.files().size() == 2);
+  CHECK(cat.files()[0].size == 1000u);
+  CHECK(*cat.files()[0].mode == (S_IFREG | 0640));
+  CHECK_FALSE(cat.files()[1].size);
+  REQUIRE(cat.dirs().size() == 1);
+  CHECK(cat.dirs()[0].path == "/srv/work");
+  write_checkpoint(dir.path() / "other", {{"/srv/a.bin", 1000, S_IFREG | 0640, 0, 0}}, "run-2");
+  CHECK(Catalog::load(dir.path() / "other").identity() != cat.identity());
 }
