@@ -3,6 +3,7 @@
 // one per file for the bytes present and one for the bytes written locally.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <vector>
