@@ -1,1 +1,587 @@
-// Placeholder: being written.
+// The block cache's files and their range map.
+//
+// Map file format, version 1 (`<stem>.map`; integers little-endian):
+//
+//   8 bytes   magic "LZFSMAP\0"
+//   u32       version (1)
+//   u32 + N   checkpoint id: length, then the bytes
+//   u32 + N   path (as served): length, then the bytes
+//   u64       source_size: the file's size on the source when cached
+//   u64       size: the current logical size (after local truncates/writes)
+//   u64 + 16n present ranges: count, then n pairs (u64 begin, u64 end)
+//   u64 + 16n local ranges: same layout
+//   64 bytes  SHA-256 of every byte above, as lowercase hex
+//
+// Ranges are sorted, non-empty, disjoint and non-adjacent (RangeSet's own
+// form). Each lies within [0, size) except that the last may be
+// [b, UINT64_MAX) with b <= size: the local tail a truncate or a write past
+// the end leaves, saying that a later extension reads zeros and is never
+// fetched. Local ranges lie inside present ones. Anything else, a wrong
+// checkpoint id, path or source size, a bad checksum, trailing bytes or a
+// data file shorter than `size`, and the map is discarded.
+//
+// Discarding is ordered like everything else here: the map goes first (unlink,
+// directory fsync), then the data file is emptied, so no crash can leave a map
+// claiming bytes that have been thrown away.
+#include "lazyfs/cache.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <string_view>
+
+#include "cache_hooks.h"
+#include "lazyfs/hash.h"
+#include "lazyfs/log.h"
+
+namespace lazyfs {
+
+namespace cache_hooks {
+void (*on_flush_step)(FlushStep step) = nullptr;
+}  // namespace cache_hooks
+
+namespace {
+
+constexpr std::string_view kMagic{"LZFSMAP\0", 8};
+constexpr uint32_t kVersion = 1;
+constexpr size_t kChecksumChars = 64;
+constexpr uint64_t kMaxMapBytes = uint64_t{256} << 20;
+constexpr uint64_t kEnd = std::numeric_limits<uint64_t>::max();
+// Offsets and sizes must fit an off_t.
+constexpr uint64_t kMaxOffset = static_cast<uint64_t>(std::numeric_limits<off_t>::max());
+constexpr unsigned kFileMode = 0600;
+
+void flush_step(cache_hooks::FlushStep step) {
+  if (cache_hooks::on_flush_step) cache_hooks::on_flush_step(step);
+}
+
+// Out of space may pass once something is evicted; other I/O errors will not.
+Status io_status(std::error_code ec, const std::string& what) {
+  int e = ec ? ec.value() : EIO;
+  auto message = fmt::format("{}: {}", what, std::error_code(e, std::system_category()).message());
+  if (e == ENOSPC || e == EDQUOT || e == EINTR || e == EAGAIN) {
+    return Status::transient(e, std::move(message));
+  }
+  return Status::permanent(e, std::move(message));
+}
+
+void put_u32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+void put_u64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+void put_ranges(std::string& out, const RangeSet& set) {
+  put_u64(out, set.count());
+  for (Range r : set.ranges()) {
+    put_u64(out, r.begin);
+    put_u64(out, r.end);
+  }
+}
+
+struct MapContents {
+  std::string checkpoint_id;
+  std::string path;
+  uint64_t source_size = 0;
+  uint64_t size = 0;
+  RangeSet present;
+  RangeSet local;
+};
+
+std::string encode_map(const std::string& checkpoint_id, const std::string& path,
+                       uint64_t source_size, uint64_t size, const RangeSet& present,
+                       const RangeSet& local) {
+  std::string out(kMagic);
+  put_u32(out, kVersion);
+  put_u32(out, static_cast<uint32_t>(checkpoint_id.size()));
+  out += checkpoint_id;
+  put_u32(out, static_cast<uint32_t>(path.size()));
+  out += path;
+  put_u64(out, source_size);
+  put_u64(out, size);
+  put_ranges(out, present);
+  put_ranges(out, local);
+  out += sha256_hex(out);
+  return out;
+}
+
+// Reads the body of a map; every read is bounds-checked and a short one
+// leaves `ok` false.
+class MapReader {
+ public:
+  explicit MapReader(std::string_view body) : body_(body) {}
+
+  bool ok() const { return ok_; }
+  bool at_end() const { return pos_ == body_.size(); }
+  size_t remaining() const { return body_.size() - pos_; }
+
+  std::string_view bytes(size_t n) {
+    if (!ok_ || n > remaining()) {
+      ok_ = false;
+      return {};
+    }
+    auto s = body_.substr(pos_, n);
+    pos_ += n;
+    return s;
+  }
+  uint64_t uint(size_t width) {
+    auto s = bytes(width);
+    uint64_t v = 0;
+    for (size_t i = 0; i < s.size(); ++i) {
+      v |= uint64_t{static_cast<unsigned char>(s[i])} << (8 * i);
+    }
+    return v;
+  }
+  uint32_t u32() { return static_cast<uint32_t>(uint(4)); }
+  uint64_t u64() { return uint(8); }
+
+ private:
+  std::string_view body_;
+  size_t pos_ = 0;
+  bool ok_ = true;
+};
+
+std::optional<std::string> read_ranges(MapReader& in, uint64_t size, const char* what,
+                                       RangeSet& out) {
+  uint64_t n = in.u64();
+  if (!in.ok()) return fmt::format("truncated {} count", what);
+  if (n > in.remaining() / 16) return fmt::format("{} count {} overruns the file", what, n);
+  uint64_t prev_end = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    Range r{in.u64(), in.u64()};
+    if (r.empty()) return fmt::format("empty {} range [{},{})", what, r.begin, r.end);
+    if (i > 0 && r.begin <= prev_end) {
+      return fmt::format("{} ranges unsorted or touching at [{},{})", what, r.begin, r.end);
+    }
+    bool tail = r.end == kEnd && r.begin <= size && i + 1 == n;
+    if (r.end > size && !tail) {
+      return fmt::format("{} range [{},{}) past size {}", what, r.begin, r.end, size);
+    }
+    out.insert(r);
+    prev_end = r.end;
+  }
+  return std::nullopt;
+}
+
+// Parses and checks a map written for (checkpoint_id, path, source_size);
+// the reason it cannot be used otherwise.
+std::optional<std::string> decode_map(std::string_view file, const MapContents& expect,
+                                      MapContents& m) {
+  if (file.size() < kMagic.size() + 4 + kChecksumChars) return "shorter than a header";
+  if (file.substr(0, kMagic.size()) != kMagic) return "bad magic";
+  auto body = file.substr(0, file.size() - kChecksumChars);
+  if (sha256_hex(body) != file.substr(body.size())) return "checksum mismatch";
+
+  MapReader in(body);
+  in.bytes(kMagic.size());
+  if (uint32_t version = in.u32(); version != kVersion) {
+    return fmt::format("unknown version {}", version);
+  }
+  m.checkpoint_id = std::string(in.bytes(in.u32()));
+  m.path = std::string(in.bytes(in.u32()));
+  m.source_size = in.u64();
+  m.size = in.u64();
+  if (!in.ok()) return "truncated header";
+  if (m.checkpoint_id != expect.checkpoint_id) return "written for another checkpoint";
+  if (m.path != expect.path) return fmt::format("written for another path ({})", m.path);
+  if (m.source_size != expect.source_size) {
+    return fmt::format("source size was {}, is {}", m.source_size, expect.source_size);
+  }
+  if (m.size > kMaxOffset) return fmt::format("size {} too large", m.size);
+  if (auto err = read_ranges(in, m.size, "present", m.present)) return err;
+  if (auto err = read_ranges(in, m.size, "local", m.local)) return err;
+  if (!in.at_end()) return "trailing bytes";
+  for (Range r : m.local.ranges()) {
+    if (!m.present.contains(r)) {
+      return fmt::format("local range [{},{}) not present", r.begin, r.end);
+    }
+  }
+  return std::nullopt;
+}
+
+// mkdir -p with mode 0700 for every directory created, then the checks that
+// make the directory safe to keep a checkpoint's file contents in.
+Status make_private_dir(const std::filesystem::path& dir) {
+  if (dir.empty()) return Status::permanent(EINVAL, "cache dir is empty");
+  std::filesystem::path partial;
+  for (const auto& part : dir) {
+    partial /= part;
+    if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST) {
+      return io_status(last_errno(), fmt::format("cannot create cache dir {}", partial.string()));
+    }
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0) {
+    return io_status(last_errno(), fmt::format("cannot stat cache dir {}", dir.string()));
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return Status::permanent(ENOTDIR, fmt::format("cache dir {} is not a directory", dir.string()));
+  }
+  if (st.st_uid != ::geteuid()) {
+    return Status::permanent(EACCES, fmt::format("cache dir {} is owned by uid {}, not by uid {}",
+                                                 dir.string(), st.st_uid, ::geteuid()));
+  }
+  if ((st.st_mode & 077) != 0) {
+    return Status::permanent(
+        EACCES, fmt::format("cache dir {} is accessible by others (mode {:04o}); use a private "
+                            "directory (mode 0700)",
+                            dir.string(), st.st_mode & 07777));
+  }
+  return {};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// CacheFile
+
+std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
+                                           const std::string& checkpoint_id,
+                                           const std::string& path, uint64_t source_size,
+                                           Status& status) {
+  status = Status();
+  if (source_size > kMaxOffset) {
+    status = Status::permanent(EFBIG, fmt::format("{}: size {} too large", path, source_size));
+    return nullptr;
+  }
+  std::unique_ptr<CacheFile> f(new CacheFile());
+  f->data_path_ = base;
+  f->data_path_ += ".data";
+  f->map_path_ = base;
+  f->map_path_ += ".map";
+  f->checkpoint_id_ = checkpoint_id;
+  f->path_ = path;
+  f->source_size_ = source_size;
+  f->fd_ =
+      UniqueFd(::open(f->data_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, kFileMode));
+  if (!f->fd_) {
+    status =
+        io_status(last_errno(), fmt::format("cannot open cache file {}", f->data_path_.string()));
+    return nullptr;
+  }
+  {
+    std::lock_guard lock(f->mutex_);
+    status = f->load_map_locked();
+  }
+  if (!status.ok()) return nullptr;
+  return f;
+}
+
+CacheFile::~CacheFile() = default;
+
+Status CacheFile::load_map_locked() {
+  // A leftover of a write_file_atomic that a crash interrupted.
+  auto tmp = map_path_;
+  tmp += ".tmp-lazyfs";
+  ::unlink(tmp.c_str());
+
+  std::vector<uint8_t> raw;
+  auto ec = read_whole_file(map_path_, kMaxMapBytes, raw);
+  bool have_map = ec != std::errc::no_such_file_or_directory;
+  std::optional<std::string> problem;
+  MapContents m;
+  if (ec) {
+    if (have_map) problem = "unreadable: " + ec.message();
+  } else {
+    std::string_view file(reinterpret_cast<const char*>(raw.data()), raw.size());
+    MapContents expect{checkpoint_id_, path_, source_size_, 0, {}, {}};
+    problem = decode_map(file, expect, m);
+    struct stat st;
+    if (!problem && ::fstat(fd_.get(), &st) != 0) problem = "cannot stat the data file";
+    if (!problem && static_cast<uint64_t>(st.st_size) < m.size) {
+      // The map is written only after the data file reached `size` durably:
+      // a shorter one was replaced or cut behind our back.
+      problem = fmt::format("data file holds {} bytes, map says {}", st.st_size, m.size);
+    }
+  }
+
+  if (have_map && !problem) {
+    // Bytes past `size` can only be from writes the map never recorded.
+    if (::ftruncate(fd_.get(), static_cast<off_t>(m.size)) != 0) {
+      return io_status(last_errno(), fmt::format("cannot truncate {}", data_path_.string()));
+    }
+    size_ = m.size;
+    present_ = std::move(m.present);
+    local_ = std::move(m.local);
+    log::debug("cache", "warm path={} size={} present={} local={}", path_, size_,
+               present_.bytes_in({0, size_}), local_.bytes_in({0, size_}));
+    return {};
+  }
+
+  if (problem) {
+    log::warn("cache", "discarding map file={} path={} reason=\"{}\"; starting cold",
+              map_path_.string(), path_, *problem);
+  }
+  if (have_map) {
+    if (::unlink(map_path_.c_str()) != 0 && errno != ENOENT) {
+      return io_status(last_errno(), fmt::format("cannot remove {}", map_path_.string()));
+    }
+    if (auto dir_ec = fsync_dir(map_path_.parent_path())) {
+      return io_status(dir_ec, fmt::format("cannot sync {}", map_path_.parent_path().string()));
+    }
+  }
+  if (::ftruncate(fd_.get(), 0) != 0 ||
+      ::ftruncate(fd_.get(), static_cast<off_t>(source_size_)) != 0) {
+    return io_status(last_errno(), fmt::format("cannot truncate {}", data_path_.string()));
+  }
+  size_ = source_size_;
+  present_.clear();
+  local_.clear();
+  return {};
+}
+
+std::string CacheFile::serialize_locked() const {
+  return encode_map(checkpoint_id_, path_, source_size_, size_, present_, local_);
+}
+
+uint64_t CacheFile::size() const {
+  std::lock_guard lock(mutex_);
+  return size_;
+}
+
+// present() and missing() look only at bytes below size(): past the end
+// nothing is missing, since nothing there can be fetched.
+bool CacheFile::present(Range r) const {
+  std::lock_guard lock(mutex_);
+  return present_.contains({r.begin, std::min(r.end, size_)});
+}
+
+std::vector<Range> CacheFile::missing(Range r) const {
+  std::lock_guard lock(mutex_);
+  return present_.missing({r.begin, std::min(r.end, size_)});
+}
+
+// Counts bytes of the file, not the unbounded local tail past its end.
+uint64_t CacheFile::present_bytes() const {
+  std::lock_guard lock(mutex_);
+  return present_.bytes_in({0, size_});
+}
+
+uint64_t CacheFile::local_bytes() const {
+  std::lock_guard lock(mutex_);
+  return local_.bytes_in({0, size_});
+}
+
+RangeSet CacheFile::present_set() const {
+  std::lock_guard lock(mutex_);
+  return present_;
+}
+
+RangeSet CacheFile::local_set() const {
+  std::lock_guard lock(mutex_);
+  return local_;
+}
+
+bool CacheFile::dirty() const {
+  std::lock_guard lock(mutex_);
+  return generation_ != flushed_generation_;
+}
+
+// Only the bytes not yet present are written. Local bytes are present, so
+// they are never overwritten; and a fetched byte already present holds the
+// source's value or, after a crash that lost the map's news of a local write,
+// that write's value, which a second fetch must not undo either.
+//
+// mutex_ is held across the pwrite (local disk I/O, never network) so that
+// choosing the bytes, writing them and marking them present is one step
+// against write_local and truncate_local.
+Status CacheFile::write_fetched(uint64_t offset, std::span<const std::byte> data) {
+  if (data.empty()) return {};
+  uint64_t end = data.size() > kEnd - offset ? kEnd : offset + data.size();
+  std::lock_guard lock(mutex_);
+  bool changed = false;
+  Status status;
+  for (Range m : present_.missing({offset, std::min(end, size_)})) {
+    if (auto ec = pwrite_all(fd_.get(), data.data() + (m.begin - offset), m.size(), m.begin)) {
+      status = io_status(ec, fmt::format("cache write {} off={} len={}", path_, m.begin, m.size()));
+      break;
+    }
+    present_.insert(m);
+    changed = true;
+  }
+  if (changed) ++generation_;
+  return status;
+}
+
+Status CacheFile::write_local(uint64_t offset, std::span<const std::byte> data) {
+  if (data.empty()) return {};
+  if (offset > kMaxOffset || data.size() > kMaxOffset - offset) {
+    return Status::permanent(EFBIG, fmt::format("{}: write past the largest offset", path_));
+  }
+  uint64_t end = offset + data.size();
+  std::lock_guard lock(mutex_);
+  if (auto ec = pwrite_all(fd_.get(), data.data(), data.size(), offset)) {
+    // Part of the write may have landed. Bytes that were fetched no longer
+    // hold the source's value: forget them so that they are fetched again.
+    // Local bytes stay local, holding old or new bytes as a failed write may.
+    for (Range m : local_.missing({offset, std::min(end, size_)})) present_.erase(m);
+    // Past the end the data file must stay zeros (the local tail).
+    if (end > size_ && ::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0) {
+      log::error("cache", "cannot trim path={} after a failed write: {}", path_,
+                 last_errno().message());
+    }
+    ++generation_;
+    return io_status(ec, fmt::format("cache write {} off={} len={}", path_, offset, end - offset));
+  }
+  present_.insert({offset, end});
+  local_.insert({offset, end});
+  if (end > size_) {
+    // As for a truncate that grows the file: the hole reads zeros and nothing
+    // from the old end on is ever fetched.
+    present_.insert({size_, kEnd});
+    local_.insert({size_, kEnd});
+    size_ = end;
+  }
+  ++generation_;
+  return {};
+}
+
+// Growing is simple: the data file is extended with zeros and everything
+// from the old end on becomes local.
+//
+// Shrinking destroys data-file bytes that a map already on disk may claim;
+// after a crash such a map would serve zeros as fetched bytes. So the map is
+// replaced first, by one describing the truncated file, and only then is the
+// data file cut. Both mutexes are held throughout (one fdatasync and one map
+// write; shrinking is rare), so no write lands between the map and the cut,
+// and no flush is half-way through a snapshot of the old size.
+Status CacheFile::truncate_local(uint64_t new_size) {
+  if (new_size > kMaxOffset) {
+    return Status::permanent(EFBIG, fmt::format("{}: size {} too large", path_, new_size));
+  }
+  std::lock_guard flush_lock(flush_mutex_);
+  std::lock_guard lock(mutex_);
+  if (new_size == size_) return {};
+  if (new_size > size_) {
+    if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+      return io_status(last_errno(), fmt::format("cache truncate {} to {}", path_, new_size));
+    }
+    present_.insert({size_, kEnd});
+    local_.insert({size_, kEnd});
+    size_ = new_size;
+    ++generation_;
+    return {};
+  }
+
+  RangeSet next_present = present_;
+  RangeSet next_local = local_;
+  next_present.insert({new_size, kEnd});
+  next_local.insert({new_size, kEnd});
+  if (::fdatasync(fd_.get()) != 0) {
+    return io_status(last_errno(), fmt::format("cache sync {}", path_));
+  }
+  auto map = encode_map(checkpoint_id_, path_, source_size_, new_size, next_present, next_local);
+  if (auto ec = write_file_atomic(map_path_, map, kFileMode)) {
+    // The new map may or may not be in place; either is safe with the data
+    // file uncut. The next flush rewrites it from the unchanged state.
+    ++generation_;
+    return io_status(ec, fmt::format("cache map write {}", map_path_.string()));
+  }
+  if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+    ++generation_;
+    return io_status(last_errno(), fmt::format("cache truncate {} to {}", path_, new_size));
+  }
+  present_ = std::move(next_present);
+  local_ = std::move(next_local);
+  size_ = new_size;
+  ++generation_;
+  flushed_generation_ = generation_;
+  return {};
+}
+
+Status CacheFile::flush() {
+  std::lock_guard flush_lock(flush_mutex_);
+  std::string map;
+  uint64_t generation = 0;
+  {
+    std::lock_guard lock(mutex_);
+    if (generation_ == flushed_generation_) return {};
+    generation = generation_;
+    map = serialize_locked();
+  }
+  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
+  // Every byte the snapshot calls present was written before it was taken;
+  // those writes must be durable before a map claiming them can be.
+  if (::fdatasync(fd_.get()) != 0) {
+    return io_status(last_errno(), fmt::format("cache sync {}", path_));
+  }
+  flush_step(cache_hooks::FlushStep::kDataSynced);
+  if (auto ec = write_file_atomic(map_path_, map, kFileMode)) {
+    return io_status(ec, fmt::format("cache map write {}", map_path_.string()));
+  }
+  flush_step(cache_hooks::FlushStep::kMapWritten);
+  std::lock_guard lock(mutex_);
+  flushed_generation_ = generation;
+  return {};
+}
+
+// ---------------------------------------------------------------------------
+// BlockCache
+
+std::unique_ptr<BlockCache> BlockCache::open(const std::filesystem::path& dir,
+                                             const std::string& checkpoint_id, Status& status) {
+  status = make_private_dir(dir);
+  if (!status.ok()) return nullptr;
+  auto cache = std::make_unique<BlockCache>();
+  cache->dir_ = dir;
+  cache->checkpoint_id_ = checkpoint_id;
+  return cache;
+}
+
+std::string BlockCache::stem(const std::string& path) const {
+  std::string key = checkpoint_id_;
+  key.push_back('\0');
+  key += path;
+  return sha256_hex(key);
+}
+
+CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Status& status) {
+  status = Status();
+  std::lock_guard lock(mutex_);
+  if (auto it = files_.find(path); it != files_.end()) {
+    if (it->second->source_size() != source_size) {
+      status = Status::permanent(
+          EINVAL, fmt::format("cache file {} opened with size {}, asked for size {}", path,
+                              it->second->source_size(), source_size));
+      return nullptr;
+    }
+    return it->second.get();
+  }
+  // Opened under mutex_ so that a path is opened once; opening reads the map
+  // from local disk, nothing slower.
+  auto f = CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status);
+  if (!f) return nullptr;
+  auto* raw = f.get();
+  files_.emplace(path, std::move(f));
+  return raw;
+}
+
+Status BlockCache::flush_all() {
+  std::vector<CacheFile*> files;
+  {
+    std::lock_guard lock(mutex_);
+    files.reserve(files_.size());
+    for (const auto& [path, f] : files_) files.push_back(f.get());
+  }
+  Status first;
+  for (auto* f : files) {
+    Status s = f->flush();
+    if (!s.ok()) {
+      log::warn("cache", "flush failed path={}: {}", f->path(), s.message());
+      if (first.ok()) first = std::move(s);
+    }
+  }
+  return first;
+}
+
+}  // namespace lazyfs

@@ -100,7 +100,7 @@ class CacheFile {
   RangeSet present_;                 // guarded by mutex_
   RangeSet local_;                   // guarded by mutex_
   uint64_t generation_ = 0;          // guarded by mutex_; bumped by every change
-  uint64_t flushed_generation_ = 0;  // guarded by flush_mutex_
+  uint64_t flushed_generation_ = 0;  // written under flush_mutex_ and mutex_
   std::mutex flush_mutex_;           // one flush at a time; taken before mutex_
 };
 

@@ -1,0 +1,18 @@
+// Test-only observation points inside CacheFile::flush(), so that the tests
+// can prove the crash-safety order (data durable, then map replaced) and stop
+// a process exactly between the steps. Null, and so free, in production.
+#pragma once
+
+namespace lazyfs::cache_hooks {
+
+enum class FlushStep {
+  kSnapshotTaken,  // maps serialised; nothing synced or written yet
+  kDataSynced,     // fdatasync of the data file returned; old map still in place
+  kMapWritten,     // new map renamed into place and its directory synced
+};
+
+// Called after each step when set. Set it before any flush runs and leave it
+// alone while flushes may run.
+extern void (*on_flush_step)(FlushStep step);
+
+}  // namespace lazyfs::cache_hooks
