@@ -220,7 +220,7 @@ fs::path map_of(const fs::path& base) {
 
 }  // namespace
 
-TEST_CASE("fetched bytes become present", "[cache]") {
+TEST_CASE("cache: fetched bytes become present", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   auto f = open_file(base, 1000);
@@ -277,7 +277,7 @@ TEST_CASE("fetched bytes become present", "[cache]") {
   }
 }
 
-TEST_CASE("locally written bytes are never overwritten by a fetch", "[cache]") {
+TEST_CASE("cache: locally written bytes are never overwritten by a fetch", "[cache]") {
   ScratchDir dir("cache");
   auto f = open_file(dir.path() / "f", 1000);
   require_ok(f->write_local(200, local(200, 10)));
@@ -307,7 +307,7 @@ TEST_CASE("locally written bytes are never overwritten by a fetch", "[cache]") {
   check_claims(*f);
 }
 
-TEST_CASE("truncate shrinks and extends locally", "[cache]") {
+TEST_CASE("cache: truncate shrinks and extends locally", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
 
@@ -392,7 +392,7 @@ TEST_CASE("truncate shrinks and extends locally", "[cache]") {
   }
 }
 
-TEST_CASE("the map persists what was flushed", "[cache]") {
+TEST_CASE("cache: the map persists what was flushed", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   RangeSet present;
@@ -434,7 +434,7 @@ TEST_CASE("the map persists what was flushed", "[cache]") {
   check_claims(*f);
 }
 
-TEST_CASE("a map for another checkpoint, path or size starts cold", "[cache]") {
+TEST_CASE("cache: a map for another checkpoint, path or size starts cold", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   {
@@ -469,7 +469,7 @@ TEST_CASE("a map for another checkpoint, path or size starts cold", "[cache]") {
   CHECK(logs.has(reason));
 }
 
-TEST_CASE("a damaged map starts cold and never claims bytes", "[cache]") {
+TEST_CASE("cache: a damaged map starts cold and never claims bytes", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   {
@@ -526,7 +526,7 @@ TEST_CASE("a damaged map starts cold and never claims bytes", "[cache]") {
   CHECK(logs.has("discarding map"));
 }
 
-TEST_CASE("maps with a valid checksum but bad content are refused", "[cache]") {
+TEST_CASE("cache: maps with a valid checksum but bad content are refused", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   LogCapture logs;
@@ -613,7 +613,7 @@ TEST_CASE("maps with a valid checksum but bad content are refused", "[cache]") {
   }
 }
 
-TEST_CASE("block cache hands out one file per path", "[cache]") {
+TEST_CASE("cache: block cache hands out one file per path", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";
   Status st;
@@ -653,7 +653,7 @@ TEST_CASE("block cache hands out one file per path", "[cache]") {
   CHECK(fs::exists(dir / (cache->stem("/b") + ".data")));
 }
 
-TEST_CASE("two checkpoints in one directory never share files", "[cache]") {
+TEST_CASE("cache: two checkpoints in one directory never share files", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";
   Status st;
@@ -685,7 +685,7 @@ TEST_CASE("two checkpoints in one directory never share files", "[cache]") {
   CHECK(two->file("/x", 100, st)->present_bytes() == 0);
 }
 
-TEST_CASE("the cache directory is private", "[cache]") {
+TEST_CASE("cache: the cache directory is private", "[cache]") {
   ScratchDir scratch("cache");
   Status st;
 
@@ -764,7 +764,7 @@ int wait_child(pid_t pid) {
 
 }  // namespace
 
-TEST_CASE("flush syncs the data before it replaces the map", "[cache]") {
+TEST_CASE("cache: flush syncs the data before it replaces the map", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
   auto f = open_file(base, 4096);
@@ -787,7 +787,7 @@ TEST_CASE("flush syncs the data before it replaces the map", "[cache]") {
   CHECK(lazyfs::test::read_bytes(map_of(base)) != old_map);
 }
 
-TEST_CASE("a crash at each step of a flush leaves a truthful map", "[cache]") {
+TEST_CASE("cache: a crash at each step of a flush leaves a truthful map", "[cache]") {
   for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
                     hooks::FlushStep::kMapWritten}) {
     ScratchDir dir("cache");
@@ -853,7 +853,7 @@ constexpr uint64_t kKillLocalFrom = kKillSize / 2;
 
 }  // namespace
 
-TEST_CASE("SIGKILL at random moments never leaves the map ahead of the data", "[cache]") {
+TEST_CASE("cache: SIGKILL at random moments never leaves the map ahead of the data", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";
   std::mt19937 rng(20240611);
@@ -884,7 +884,7 @@ TEST_CASE("SIGKILL at random moments never leaves the map ahead of the data", "[
   CHECK(claimed_ever > 0);
 }
 
-TEST_CASE("concurrent writes, truncates and flushes stay consistent", "[cache]") {
+TEST_CASE("cache: concurrent writes, truncates and flushes stay consistent", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";
   constexpr uint64_t kSize = 64 * 1024;
