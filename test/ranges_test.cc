@@ -146,7 +146,7 @@ std::vector<uint64_t> bases(uint64_t n) {
 
 }  // namespace
 
-TEST_CASE("an empty set", "[ranges]") {
+TEST_CASE("ranges: an empty set", "[ranges]") {
   RangeSet s;
   CHECK(s.empty());
   CHECK(s.bytes() == 0);
@@ -161,7 +161,7 @@ TEST_CASE("an empty set", "[ranges]") {
   CHECK(s == RangeSet{});
 }
 
-TEST_CASE("inserts merge overlapping and adjacent ranges", "[ranges]") {
+TEST_CASE("ranges: inserts merge overlapping and adjacent ranges", "[ranges]") {
   RangeSet s;
   s.insert({10, 20});
   s.insert({30, 40});
@@ -177,7 +177,7 @@ TEST_CASE("inserts merge overlapping and adjacent ranges", "[ranges]") {
   CHECK(s.count() == 1);
 }
 
-TEST_CASE("erase splits a straddling range", "[ranges]") {
+TEST_CASE("ranges: erase splits a straddling range", "[ranges]") {
   RangeSet s;
   s.insert({0, 100});
   s.erase({40, 60});
@@ -190,7 +190,7 @@ TEST_CASE("erase splits a straddling range", "[ranges]") {
   CHECK(s.bytes() == 0);
 }
 
-TEST_CASE("reversed ranges are empty", "[ranges]") {
+TEST_CASE("ranges: reversed ranges are empty", "[ranges]") {
   RangeSet s;
   s.insert({10, 20});
   Range reversed{15, 5};
@@ -205,7 +205,7 @@ TEST_CASE("reversed ranges are empty", "[ranges]") {
   CHECK(s.bytes_in(reversed) == 0);
 }
 
-TEST_CASE("ranges near UINT64_MAX", "[ranges]") {
+TEST_CASE("ranges: ranges near UINT64_MAX", "[ranges]") {
   RangeSet s;
   // The shape truncate_local leaves: everything from n on.
   s.insert({1000, kMax});
@@ -235,7 +235,7 @@ TEST_CASE("ranges near UINT64_MAX", "[ranges]") {
   CHECK(s.bytes() == 0);
 }
 
-TEST_CASE("every pair of operations over [0,12]", "[ranges]") {
+TEST_CASE("ranges: every pair of operations over [0,12]", "[ranges]") {
   for (uint64_t base : bases(12)) {
     Model start(base, 12);
     auto ops = all_ops(start);
@@ -258,7 +258,7 @@ TEST_CASE("every pair of operations over [0,12]", "[ranges]") {
   }
 }
 
-TEST_CASE("every triple of operations over [0,5]", "[ranges]") {
+TEST_CASE("ranges: every triple of operations over [0,5]", "[ranges]") {
   for (uint64_t base : bases(5)) {
     Model start(base, 5);
     auto ops = all_ops(start);
@@ -282,7 +282,7 @@ TEST_CASE("every triple of operations over [0,5]", "[ranges]") {
   }
 }
 
-TEST_CASE("random operation sequences over [0,12]", "[ranges]") {
+TEST_CASE("ranges: random operation sequences over [0,12]", "[ranges]") {
   for (uint64_t base : bases(12)) {
     for (uint32_t seed : {1u, 2u, 3u, 42u}) {
       std::mt19937_64 rng(seed);
@@ -305,7 +305,7 @@ TEST_CASE("random operation sequences over [0,12]", "[ranges]") {
   }
 }
 
-TEST_CASE("random operation sequences over a wide domain", "[ranges]") {
+TEST_CASE("ranges: random operation sequences over a wide domain", "[ranges]") {
   // Longer ranges and many of them: the set against the same model over 512
   // offsets, checked by shape and by queries on random ranges.
   std::mt19937_64 rng(7);

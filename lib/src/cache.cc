@@ -33,7 +33,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -207,6 +206,22 @@ std::optional<std::string> decode_map(std::string_view file, const MapContents& 
     }
   }
   return std::nullopt;
+}
+
+// Makes `map` the file's map: every byte it calls present was written
+// before it was encoded, and those writes are made durable before a map
+// claiming them can be; then the map replaces the old one atomically.
+Status commit_map(int data_fd, const std::filesystem::path& map_path, const std::string& map) {
+  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
+  if (::fdatasync(data_fd) != 0) {
+    return io_status(last_errno(), fmt::format("cache sync for {}", map_path.string()));
+  }
+  flush_step(cache_hooks::FlushStep::kDataSynced);
+  if (auto ec = write_file_atomic(map_path, map, kFileMode)) {
+    return io_status(ec, fmt::format("cache map write {}", map_path.string()));
+  }
+  flush_step(cache_hooks::FlushStep::kMapWritten);
+  return {};
 }
 
 // mkdir -p with mode 0700 for every directory created, then the checks that
@@ -477,15 +492,12 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   RangeSet next_local = local_;
   next_present.insert({new_size, kEnd});
   next_local.insert({new_size, kEnd});
-  if (::fdatasync(fd_.get()) != 0) {
-    return io_status(last_errno(), fmt::format("cache sync {}", path_));
-  }
   auto map = encode_map(checkpoint_id_, path_, source_size_, new_size, next_present, next_local);
-  if (auto ec = write_file_atomic(map_path_, map, kFileMode)) {
+  if (Status status = commit_map(fd_.get(), map_path_, map); !status.ok()) {
     // The new map may or may not be in place; either is safe with the data
     // file uncut. The next flush rewrites it from the unchanged state.
     ++generation_;
-    return io_status(ec, fmt::format("cache map write {}", map_path_.string()));
+    return status;
   }
   if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
     ++generation_;
@@ -509,17 +521,7 @@ Status CacheFile::flush() {
     generation = generation_;
     map = serialize_locked();
   }
-  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
-  // Every byte the snapshot calls present was written before it was taken;
-  // those writes must be durable before a map claiming them can be.
-  if (::fdatasync(fd_.get()) != 0) {
-    return io_status(last_errno(), fmt::format("cache sync {}", path_));
-  }
-  flush_step(cache_hooks::FlushStep::kDataSynced);
-  if (auto ec = write_file_atomic(map_path_, map, kFileMode)) {
-    return io_status(ec, fmt::format("cache map write {}", map_path_.string()));
-  }
-  flush_step(cache_hooks::FlushStep::kMapWritten);
+  if (Status status = commit_map(fd_.get(), map_path_, map); !status.ok()) return status;
   std::lock_guard lock(mutex_);
   flushed_generation_ = generation;
   return {};

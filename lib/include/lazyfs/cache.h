@@ -96,14 +96,12 @@ class CacheFile {
   UniqueFd fd_;
 
   mutable std::mutex mutex_;
-  uint64_t size_ = 0;        // guarded by mutex_
-  RangeSet present_;         // guarded by mutex_
-  RangeSet local_;           // guarded by mutex_
-  uint64_t generation_ = 0;  // guarded by mutex_; bumped by every change
-  // Guarded by flush_mutex_, and written with mutex_ held as well, so that
-  // dirty() can read it under mutex_ alone.
-  uint64_t flushed_generation_ = 0;
-  std::mutex flush_mutex_;  // one flush at a time; taken before mutex_
+  uint64_t size_ = 0;                // guarded by mutex_
+  RangeSet present_;                 // guarded by mutex_
+  RangeSet local_;                   // guarded by mutex_
+  uint64_t generation_ = 0;          // guarded by mutex_; bumped by every change
+  uint64_t flushed_generation_ = 0;  // written under flush_mutex_ and mutex_
+  std::mutex flush_mutex_;           // one flush at a time; taken before mutex_
 };
 
 // The cache directory of one checkpoint: hands out one CacheFile per path.
