@@ -358,3 +358,48 @@ TEST_CASE("shutting down fails queued requests instead of hanging", "[engine]") 
     if (!st.ok()) CHECK(st.errnum() == ECANCELED);
   }
 }
+
+TEST_CASE("stress: every request completes under concurrent mixed load with failures",
+          "[engine][stress]") {
+  EngineOptions opts;
+  opts.retry_initial = 1ms;
+  opts.retry_max = 5ms;
+  opts.retry_budget = 2s;
+  opts.max_request = 4 * kBlock;
+  opts.readahead_max = 8 * kBlock;
+  opts.flush_interval = 5ms;
+  Rig rig(opts, 3, 512 * kBlock);
+  Completions c;
+  std::atomic<size_t> issued{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(static_cast<uint64_t>(t) * 7919);
+      uint64_t seq = rng() % (512 * kBlock);
+      for (int i = 0; i < 400; ++i) {
+        uint64_t off, len;
+        if (rng() % 2) {  // a sequential reader
+          off = seq;
+          len = 1 + rng() % (2 * kBlock);
+          seq = (seq + len) % (512 * kBlock);
+        } else {
+          off = rng() % (512 * kBlock);
+          len = 1 + rng() % (8 * kBlock);
+        }
+        auto prio = static_cast<Priority>(rng() % 3);
+        if (rng() % 50 == 0) {
+          rig.source->fail_next(1 + static_cast<unsigned>(rng() % 3),
+                                Status::transient(ECONNRESET, "injected"));
+        }
+        ++issued;
+        rig.engine->request(rig.file, off, len, prio, c.make());
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  REQUIRE(c.wait(issued, 60s));
+  CHECK(c.ok_count() == issued);
+  for (int i = 0; i < 500 && rig.engine->stats().inflight > 0; ++i)
+    std::this_thread::sleep_for(10ms);
+  CHECK(rig.engine->stats().inflight == 0);
+}

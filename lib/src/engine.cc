@@ -527,20 +527,20 @@ bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& sta
                job->range.begin, job->range.size(), status.message());
     return false;
   }
+  auto timer = std::make_shared<asio::steady_timer>(pool_->pool, job->backoff);
   {
+    // Checked and registered under timers_mutex, which shutdown takes after
+    // setting stopping_ to cancel every registered timer: none slips by.
+    std::lock_guard timers(pool_->timers_mutex);
     std::lock_guard lock(queue_mutex_);
     if (stopping_) return false;
+    pool_->retry_timers.insert(timer);
   }
   ++counters_->retries;
   ++counters_->retrying;
   log::warn("engine", "retry path={} off={} len={} in_ms={} reason=\"{}\"", job->file->path,
             job->range.begin, job->range.size(), job->backoff.count(), status.message());
-  auto timer = std::make_shared<asio::steady_timer>(pool_->pool, job->backoff);
   job->backoff = std::min(options_.retry_max, job->backoff * 2);
-  {
-    std::lock_guard lock(pool_->timers_mutex);
-    pool_->retry_timers.insert(timer);
-  }
   timer->async_wait([this, job, timer](const boost::system::error_code& ec) {
     {
       std::lock_guard lock(pool_->timers_mutex);
@@ -589,6 +589,12 @@ void FetchEngine::fail_blocks(File& f, Range range, const Status& status) {
 }
 
 void FetchEngine::schedule_flush() {
+  {
+    // A handler that was already running when shutdown cancelled the timer
+    // must not arm it again, or joining the pool would wait forever.
+    std::lock_guard lock(queue_mutex_);
+    if (stopping_) return;
+  }
   pool_->flush_timer.expires_after(options_.flush_interval);
   pool_->flush_timer.async_wait([this](const boost::system::error_code& ec) {
     if (ec) return;

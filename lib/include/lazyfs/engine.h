@@ -21,7 +21,8 @@
 //   gets EIO, with a log line saying why, and a later request tries again.
 // - The cache's range maps are flushed on a timer and at shutdown.
 //
-// Lock order: File::mutex, then queue_mutex_, then (leaf) a CacheFile's lock.
+// Lock order: File::mutex, then the retry timers' mutex, then queue_mutex_, then (leaf) a
+// CacheFile's lock.
 // No lock is held across source I/O or while a completion runs.
 #pragma once
 
