@@ -201,14 +201,14 @@ class LazyfsMount {
   }
   ~LazyfsMount() { CleanupStack::run(cleanup_id_); }
 
-  nlohmann::json status() const {
-    auto out =
-        run_checked({(ctx_.bin_dir / "lazyfs").string(), "status", "--json", mountpoint_.string()});
+  nlohmann::json status(SpawnOptions how = {}) const {
+    auto out = run_checked(
+        {(ctx_.bin_dir / "lazyfs").string(), "status", "--json", mountpoint_.string()}, how);
     return nlohmann::json::parse(out);
   }
   // The daemon's pid, once asked.
-  pid_t pid() {
-    if (pid_ <= 0) pid_ = status()["pid"].get<pid_t>();
+  pid_t pid(SpawnOptions how = {}) {
+    if (pid_ <= 0) pid_ = status(how)["pid"].get<pid_t>();
     return pid_;
   }
 
@@ -216,7 +216,7 @@ class LazyfsMount {
   void stop() {
     if (pid_ <= 0 && is_mounted(mountpoint_)) {
       try {
-        pid();
+        pid(cleanup_command());
       } catch (...) {
       }
     }

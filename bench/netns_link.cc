@@ -21,7 +21,7 @@ namespace {
 constexpr const char* kPrefix = "lzbench-";
 
 std::vector<pid_t> pids_in(const std::string& netns) {
-  auto r = run({"ip", "netns", "pids", netns});
+  auto r = run({"ip", "netns", "pids", netns}, cleanup_command());
   std::vector<pid_t> pids;
   std::istringstream in(r.out);
   long p;
@@ -50,7 +50,7 @@ void remove_stale_namespaces() {
     if (pid == ::getpid() || process_alive(pid)) continue;
     fmt::print(stderr, "lazyfs-bench: removing stale network namespace {}\n", name);
     kill_netns_processes(name);
-    run({"ip", "netns", "del", name});
+    run({"ip", "netns", "del", name}, cleanup_command());
   }
 }
 
@@ -102,14 +102,16 @@ void NetnsLink::destroy() {
   fd_ = -1;
   kill_netns_processes(name_);
   // The veth pair and both qdiscs go with the namespace.
-  run({"ip", "netns", "del", name_});
-  run({"ip", "link", "del", host_if_});
+  run({"ip", "netns", "del", name_}, cleanup_command());
+  if (::access(("/sys/class/net/" + host_if_).c_str(), F_OK) == 0) {
+    run({"ip", "link", "del", host_if_}, cleanup_command());
+  }
 }
 
 void NetnsLink::shape(uint64_t rate_bps) {
   if (shaped_) {
-    run({"tc", "qdisc", "del", "dev", host_if_, "root"});
-    run({"tc", "-n", name_, "qdisc", "del", "dev", inner_if_, "root"});
+    run({"tc", "qdisc", "del", "dev", host_if_, "root"}, cleanup_command());
+    run({"tc", "-n", name_, "qdisc", "del", "dev", inner_if_, "root"}, cleanup_command());
     shaped_ = false;
   }
   if (rate_bps == 0) return;

@@ -87,7 +87,8 @@ std::string command_line(const std::vector<std::string>& argv) {
 Child::Child(Child&& o) noexcept
     : pid_(std::exchange(o.pid_, -1)),
       out_fd_(std::exchange(o.out_fd_, -1)),
-      err_fd_(std::exchange(o.err_fd_, -1)) {}
+      err_fd_(std::exchange(o.err_fd_, -1)),
+      tracked_(o.tracked_) {}
 
 Child& Child::operator=(Child&& o) noexcept {
   if (this != &o) {
@@ -95,6 +96,7 @@ Child& Child::operator=(Child&& o) noexcept {
     pid_ = std::exchange(o.pid_, -1);
     out_fd_ = std::exchange(o.out_fd_, -1);
     err_fd_ = std::exchange(o.err_fd_, -1);
+    tracked_ = o.tracked_;
   }
   return *this;
 }
@@ -111,7 +113,7 @@ void Child::release() {
     ::kill(-pid_, SIGKILL);
     ::kill(pid_, SIGKILL);
     ::waitpid(pid_, nullptr, 0);
-    untrack_process_group(pid_);
+    if (tracked_) untrack_process_group(pid_);
     pid_ = -1;
   }
 }
@@ -141,7 +143,7 @@ ProcessResult Child::wait() {
     while (::waitpid(pid_, &wstatus, 0) < 0 && errno == EINTR) {
     }
     r.status = exit_code(wstatus);
-    untrack_process_group(pid_);
+    if (tracked_) untrack_process_group(pid_);
     pid_ = -1;
   }
   return r;
@@ -152,7 +154,7 @@ bool Child::try_wait(ProcessResult& result) {
   int wstatus = 0;
   if (::waitpid(pid_, &wstatus, WNOHANG) != pid_) return false;
   result.status = exit_code(wstatus);
-  untrack_process_group(pid_);
+  if (tracked_) untrack_process_group(pid_);
   pid_ = -1;
   if (out_fd_ >= 0) drain(out_fd_, result.out);
   if (err_fd_ >= 0) drain(err_fd_, result.err);
@@ -210,9 +212,10 @@ Child spawn(const std::vector<std::string>& argv_in, const SpawnOptions& o) {
   // Also in the parent, so that a signal sent before the child's own
   // setpgid() finds the group.
   if (!o.new_session) ::setpgid(pid, pid);
-  track_process_group(pid);
   Child c;
   c.pid_ = pid;
+  c.tracked_ = o.interruptible;
+  if (c.tracked_) track_process_group(pid);
   if (o.capture_stdout) {
     ::close(out_pipe[1]);
     c.out_fd_ = out_pipe[0];

@@ -30,7 +30,15 @@ struct SpawnOptions {
   bool capture_stderr = false;
   bool new_session = false;      // setsid() rather than only a new process group
   bool die_with_parent = false;  // PR_SET_PDEATHSIG(SIGKILL)
+  // Whether the interrupt watcher stops it. Clean-up commands are not
+  // interruptible: they must finish after a signal.
+  bool interruptible = true;
 };
+inline SpawnOptions cleanup_command() {
+  SpawnOptions o;
+  o.interruptible = false;
+  return o;
+}
 
 struct ProcessResult {
   int status = -1;  // exit code, or 128 + signal
@@ -64,6 +72,7 @@ class Child {
   pid_t pid_ = -1;
   int out_fd_ = -1;
   int err_fd_ = -1;
+  bool tracked_ = false;
 };
 
 // Starts argv (argv[0] looked up in PATH unless it has a slash). Throws if
