@@ -370,12 +370,15 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
   Sample sample;
   ReadResult rr;
   const uint64_t t0 = monotonic_ns();
+  uint64_t t_setup = 0;
   if (method.rfind("eager-", 0) == 0) {
     eager_copy(method, s, dest, ctx);
+    t_setup = monotonic_ns();
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, dest, ctx);
   } else if (method == "sshfs") {
     const fs::path at = criu ? dest : mnt;
     SshfsMount m(at, ctx.source_root, ctx);
+    t_setup = monotonic_ns();
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, at, ctx);
   } else if (method == "lazyfs") {
     const fs::path remote_root = criu ? p.lazyfs_remote_root : ctx.source_root;
@@ -383,6 +386,7 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     run_step({(ctx.bin_dir / "lazyfs").string(), "prepare", image_copy.string(), "--mountpoint",
               mnt.string(), "--all"},
              ctx);
+    t_setup = monotonic_ns();
     // Without CRIU the workload opens what prepare pointed the checkpoint
     // at: MOUNTPOINT + path.
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, mnt, ctx);
@@ -399,6 +403,7 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
   const auto c = ctx.relay->counters();
   sample.ready_s = seconds_between(t0, rr.done_ns);
   sample.first_byte_s = seconds_between(t0, rr.first_byte_ns);
+  sample.setup_s = seconds_between(t0, t_setup);
   sample.to_server = c.to_server;
   sample.to_client = c.to_client;
   sample.bytes_read = rr.bytes;

@@ -53,6 +53,7 @@ struct PreparedScenario {
 struct Sample {
   double ready_s = 0;       // method start until the reads are done
   double first_byte_s = 0;  // method start until the first byte read
+  double setup_s = 0;       // method start until the reads could start (copy done, mounted)
   uint64_t to_server = 0;   // bytes through the relay, each direction
   uint64_t to_client = 0;
   uint64_t bytes_read = 0;  // by the workload

@@ -122,6 +122,7 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
     j["first_byte_s"] = first.median;
     j["first_byte_min_s"] = first.min;
     j["first_byte_max_s"] = first.max;
+    j["setup_s"] = spread(collect(r, [](const Sample& s) { return s.setup_s; })).median;
     j["bytes_over_link"] = static_cast<uint64_t>(std::llround(bytes.median));
     j["bytes_over_link_min"] = static_cast<uint64_t>(std::llround(bytes.min));
     j["bytes_over_link_max"] = static_cast<uint64_t>(std::llround(bytes.max));
@@ -147,6 +148,7 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
     for (const auto& s : r.samples) {
       nlohmann::json sj{{"restore_ready_s", s.ready_s},
                         {"first_byte_s", s.first_byte_s},
+                        {"setup_s", s.setup_s},
                         {"bytes_to_server", s.to_server},
                         {"bytes_to_client", s.to_client}};
       if (s.lazyfs_cpu_s) {
@@ -163,9 +165,9 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
 }
 
 std::string results_table(const std::vector<ResultRow>& rows) {
-  std::string out = fmt::format("{:<10} {:<16} {:<12} {:>9} {:>19} {:>9} {:>11} {:>8} {:>9}\n",
-                                "link", "scenario", "method", "ready_s", "(min-max)", "first_s",
-                                "MiB_link", "lfs_cpu", "lfs_rss_M");
+  std::string out = fmt::format(
+      "{:<10} {:<16} {:<12} {:>9} {:>19} {:>9} {:>8} {:>11} {:>8} {:>9}\n", "link", "scenario",
+      "method", "ready_s", "(min-max)", "first_s", "setup_s", "MiB_link", "lfs_cpu", "lfs_rss_M");
   for (const auto& r : rows) {
     if (r.samples.empty()) {
       out += fmt::format("{:<10} {:<16} {:<12} FAILED: {}\n", r.link, r.scenario, r.method,
@@ -188,10 +190,12 @@ std::string results_table(const std::vector<ResultRow>& rows) {
                                         .median /
                                     1024);
     }
-    out += fmt::format("{:<10} {:<16} {:<12} {:>9.3f} {:>19} {:>9.3f} {:>11} {:>8} {:>9}{}\n",
-                       r.link, r.scenario, r.method, ready.median,
-                       fmt::format("({:.3f}-{:.3f})", ready.min, ready.max), first.median,
-                       mib(bytes.median), cpu, rss, r.error.empty() ? "" : " (some runs failed)");
+    const auto setup = spread(collect(r, [](const Sample& s) { return s.setup_s; }));
+    out += fmt::format(
+        "{:<10} {:<16} {:<12} {:>9.3f} {:>19} {:>9.3f} {:>8.3f} {:>11} {:>8} {:>9}{}\n", r.link,
+        r.scenario, r.method, ready.median, fmt::format("({:.3f}-{:.3f})", ready.min, ready.max),
+        first.median, setup.median, mib(bytes.median), cpu, rss,
+        r.error.empty() ? "" : " (some runs failed)");
   }
   return out;
 }
