@@ -92,7 +92,16 @@ nlohmann::json machine_info() {
     }
   }
   m["openssh"] = tool_version({"ssh", "-V"});
-  m["sshfs"] = tool_version({"sshfs", "--version"});
+  // sshfs prints its own version and then libfuse's and fusermount's.
+  try {
+    auto r = run({"sshfs", "--version"});
+    std::istringstream lines(r.out + r.err);
+    std::string l;
+    while (std::getline(lines, l)) {
+      if (l.find("SSHFS") != std::string::npos) m["sshfs"] = l;
+    }
+  } catch (const std::exception&) {
+  }
   m["rsync"] = tool_version({"rsync", "--version"});
   return m;
 }
