@@ -21,11 +21,18 @@ std::string check_criu(const fs::path& criu) {
   try {
     r = run({criu.string(), "--version"});
   } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("--criu {}: cannot run it: {}", criu.string(), e.what()));
+    throw std::runtime_error(fmt::format(
+        "--criu {}: cannot run it ({}); a working CRIU is needed for real migrations, or leave "
+        "--criu out to run the workload in place",
+        criu.string(), e.what()));
   }
   if (!r.ok()) {
-    throw std::runtime_error(fmt::format("--criu {}: `{} --version` exited {}: {}", criu.string(),
-                                         criu.string(), r.status, r.err.empty() ? r.out : r.err));
+    auto said = r.err.empty() ? r.out : r.err;
+    said = said.substr(0, said.find('\n'));
+    throw std::runtime_error(fmt::format(
+        "--criu {}: this binary does not run (`--version` exited {}: {}); a working CRIU is "
+        "needed for real migrations, or leave --criu out to run the workload in place",
+        criu.string(), r.status, said));
   }
   auto line = r.out.substr(0, r.out.find('\n'));
   return line;
@@ -39,12 +46,17 @@ CriuMigration::CriuMigration(fs::path criu, const fs::path& dir, const fs::path&
     throw std::runtime_error("cannot bind-mount the source tree at " + view_.string());
   }
   cleanup_id_ = CleanupStack::push("bind mount " + view_.string(), [this] { unmount_view(); });
-  // lazyfs reads file Q (a path under VIEW) at REMOTE_ROOT + Q: make that
-  // name the source tree.
-  remote_root_ = dir / "remote-root";
-  const fs::path link = remote_root_.string() + view_.string();
-  fs::create_directories(link.parent_path());
-  fs::create_directory_symlink(source_root, link);
+  try {
+    // lazyfs reads file Q (a path under VIEW) at REMOTE_ROOT + Q: make that
+    // name the source tree.
+    remote_root_ = dir / "remote-root";
+    const fs::path link = remote_root_.string() + view_.string();
+    fs::create_directories(link.parent_path());
+    fs::create_directory_symlink(source_root, link);
+  } catch (...) {
+    CleanupStack::run(cleanup_id_);  // the destructor will not run
+    throw;
+  }
 }
 
 CriuMigration::~CriuMigration() {

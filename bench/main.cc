@@ -277,10 +277,7 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
               row.error = e.what();
               progress.line(fmt::format("{} {} {} run {} failed: {}", link_name, p.scenario->name,
                                         method, run, e.what()));
-              if (!::isatty(2)) {
-              } else {
-                fmt::print(stderr, "\n");
-              }
+              if (::isatty(2)) fmt::print(stderr, "\n");  // keep the message on screen
               exit_status = 1;
             }
             lb::reap_strays({});

@@ -116,15 +116,22 @@ class SshfsMount {
     so.capture_stderr = true;
     child_ = spawn(argv, so);
     cleanup_id_ = CleanupStack::push("sshfs mount " + mountpoint.string(), [this] { stop(); });
-    const auto deadline = std::chrono::steady_clock::now() + 60s;
-    while (!is_mounted(mountpoint_)) {
-      check_interrupted();
-      ProcessResult r;
-      if (child_.try_wait(r)) {
-        throw std::runtime_error(fmt::format("sshfs exited ({}): {}", r.status, r.err));
+    try {
+      const auto deadline = std::chrono::steady_clock::now() + 60s;
+      while (!is_mounted(mountpoint_)) {
+        check_interrupted();
+        ProcessResult r;
+        if (child_.try_wait(r)) {
+          throw std::runtime_error(fmt::format("sshfs exited ({}): {}", r.status, r.err));
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          throw std::runtime_error("sshfs: no mount");
+        }
+        std::this_thread::sleep_for(1ms);
       }
-      if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("sshfs: no mount");
-      std::this_thread::sleep_for(1ms);
+    } catch (...) {
+      CleanupStack::run(cleanup_id_);  // the destructor will not run
+      throw;
     }
   }
   ~SshfsMount() { CleanupStack::run(cleanup_id_); }
@@ -197,7 +204,12 @@ class LazyfsMount {
         fmt::format("sftp://root@127.0.0.1:{}{}", ctx.relay->port(), remote_root.string())};
     if (ctx.verbose) fmt::print(stderr, "+ {}\n", command_line(argv));
     cleanup_id_ = CleanupStack::push("lazyfs mount " + mountpoint.string(), [this] { stop(); });
-    run_checked(argv);
+    try {
+      run_checked(argv);
+    } catch (...) {
+      CleanupStack::run(cleanup_id_);  // the destructor will not run
+      throw;
+    }
   }
   ~LazyfsMount() { CleanupStack::run(cleanup_id_); }
 

@@ -78,15 +78,20 @@ NetnsLink::NetnsLink() {
 
   run_checked({"ip", "netns", "add", name_});
   cleanup_id_ = CleanupStack::push("network namespace " + name_, [this] { destroy(); });
-  run_checked(
-      {"ip", "link", "add", host_if_, "type", "veth", "peer", "name", inner_if_, "netns", name_});
-  run_checked({"ip", "addr", "add", host_addr + "/30", "dev", host_if_});
-  run_checked({"ip", "link", "set", host_if_, "up"});
-  run_checked({"ip", "-n", name_, "addr", "add", inner_addr_ + "/30", "dev", inner_if_});
-  run_checked({"ip", "-n", name_, "link", "set", inner_if_, "up"});
-  run_checked({"ip", "-n", name_, "link", "set", "lo", "up"});
-  fd_ = ::open(("/run/netns/" + name_).c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) throw std::runtime_error("cannot open /run/netns/" + name_);
+  try {
+    run_checked(
+        {"ip", "link", "add", host_if_, "type", "veth", "peer", "name", inner_if_, "netns", name_});
+    run_checked({"ip", "addr", "add", host_addr + "/30", "dev", host_if_});
+    run_checked({"ip", "link", "set", host_if_, "up"});
+    run_checked({"ip", "-n", name_, "addr", "add", inner_addr_ + "/30", "dev", inner_if_});
+    run_checked({"ip", "-n", name_, "link", "set", inner_if_, "up"});
+    run_checked({"ip", "-n", name_, "link", "set", "lo", "up"});
+    fd_ = ::open(("/run/netns/" + name_).c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw std::runtime_error("cannot open /run/netns/" + name_);
+  } catch (...) {
+    CleanupStack::run(cleanup_id_);  // the destructor will not run
+    throw;
+  }
 }
 
 NetnsLink::~NetnsLink() {

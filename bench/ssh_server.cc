@@ -112,19 +112,24 @@ Subsystem sftp /usr/lib/openssh/sftp-server
   if (!sshd) throw std::runtime_error("sshd not found (install openssh-server)");
   sshd_ = spawn({sshd->string(), "-D", "-e", "-f", config.string()}, o);
   cleanup_id_ = CleanupStack::push("sshd", [this] { stop(); });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-  for (;;) {
-    check_interrupted();
-    ProcessResult r;
-    if (sshd_.try_wait(r)) throw std::runtime_error("sshd exited at start: " + log());
-    if (log().find("Server listening on") != std::string::npos &&
-        accepts(link.inner_address(), 22)) {
-      return;
+  try {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+    for (;;) {
+      check_interrupted();
+      ProcessResult r;
+      if (sshd_.try_wait(r)) throw std::runtime_error("sshd exited at start: " + log());
+      if (log().find("Server listening on") != std::string::npos &&
+          accepts(link.inner_address(), 22)) {
+        return;
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw std::runtime_error("sshd did not start listening: " + log());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    if (std::chrono::steady_clock::now() > deadline) {
-      throw std::runtime_error("sshd did not start listening: " + log());
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  } catch (...) {
+    CleanupStack::run(cleanup_id_);  // the destructor will not run
+    throw;
   }
 }
 
