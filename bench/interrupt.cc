@@ -6,6 +6,7 @@
 #include <fmt/core.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <set>
@@ -15,6 +16,8 @@ namespace lazyfs::bench {
 namespace {
 
 std::atomic<bool> g_interrupted{false};
+// Undo actions running now, in any thread.
+std::atomic<int> g_running{0};
 
 struct Registry {
   std::mutex mu;
@@ -51,6 +54,11 @@ void watch() {
     } else {
       fmt::print(stderr, "lazyfs-bench: cleaning up now\n");
       CleanupStack::run_all();
+      // The main thread may be half-way through an action it took: let it
+      // finish (bounded) rather than leave it half done.
+      for (int i = 0; i < 3000 && g_running.load() > 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
       ::_exit(130);
     }
   }
@@ -59,6 +67,11 @@ void watch() {
 }  // namespace
 
 void install_interrupt_handler() {
+  // A shell without job control starts background commands with SIGINT
+  // ignored, and an ignored signal is never pending for sigwait(): take
+  // SIGINT and SIGTERM back. SIGHUP stays ignored under nohup.
+  ::signal(SIGINT, SIG_DFL);
+  ::signal(SIGTERM, SIG_DFL);
   const sigset_t set = handled_signals();
   ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
   std::thread(watch).detach();
@@ -98,12 +111,14 @@ void CleanupStack::run(int id) {
     if (it == registry().actions.end()) return;
     undo = std::move(it->second.second);
     registry().actions.erase(it);
+    ++g_running;  // under the lock, so run_all's waiter cannot miss it
   }
   try {
     undo();
   } catch (const std::exception& e) {
     fmt::print(stderr, "lazyfs-bench: cleanup: {}\n", e.what());
   }
+  --g_running;
 }
 
 void CleanupStack::drop(int id) {
