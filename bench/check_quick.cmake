@@ -1,0 +1,30 @@
+# Runs `lazyfs-bench --quick` and checks that its JSON has a successful
+# result for every method x scenario x link it ran. Timing is not checked.
+execute_process(
+  COMMAND ${BENCH} --quick --json ${JSON} --work-dir ${WORK_DIR}
+  RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "lazyfs-bench --quick exited ${rc}")
+endif()
+file(READ ${JSON} doc)
+string(JSON n_results LENGTH "${doc}" results)
+string(JSON n_methods LENGTH "${doc}" config methods)
+string(JSON n_scenarios LENGTH "${doc}" config scenarios)
+string(JSON n_links LENGTH "${doc}" config links)
+math(EXPR want "${n_methods} * ${n_scenarios} * ${n_links}")
+if(NOT n_methods EQUAL 5 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
+  message(FATAL_ERROR "expected 5 methods x 4 scenarios x ${n_links} links, got ${n_results} "
+                      "results for ${n_methods} methods and ${n_scenarios} scenarios")
+endif()
+math(EXPR last "${n_results} - 1")
+foreach(i RANGE ${last})
+  string(JSON runs GET "${doc}" results ${i} runs)
+  string(JSON ready ERROR_VARIABLE missing GET "${doc}" results ${i} restore_ready_s)
+  string(JSON bytes ERROR_VARIABLE missing_bytes GET "${doc}" results ${i} bytes_over_link)
+  string(JSON what GET "${doc}" results ${i} method)
+  string(JSON where GET "${doc}" results ${i} scenario)
+  if(runs LESS 1 OR missing OR missing_bytes OR bytes EQUAL 0)
+    message(FATAL_ERROR "no result for ${what} on ${where}")
+  endif()
+endforeach()
+message(STATUS "lazyfs-bench --quick: ${n_results} results")
