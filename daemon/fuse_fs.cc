@@ -178,9 +178,12 @@ void reply_entry(LazyFs& fs, Op op, fuse_req_t req, const NodeView& v) {
   if (fuse_reply_entry(req, &e) != 0) fs.tree().forget(v.ino, 1);  // the kernel never saw it
 }
 
-void lfs_init(void*, fuse_conn_info* conn) {
+void lfs_init(void* userdata, fuse_conn_info* conn) {
+  auto& fs = *static_cast<LazyFs*>(userdata);
   conn->max_write = 1 << 20;
-  conn->max_readahead = 1 << 20;
+  // The kernel's read-ahead, and its read-around on an mmap page fault, ask
+  // for this much at once; see FsOptions::max_readahead.
+  conn->max_readahead = fs.options().max_readahead;
   for (unsigned cap : {unsigned{FUSE_CAP_SPLICE_WRITE}, unsigned{FUSE_CAP_SPLICE_MOVE},
                        unsigned{FUSE_CAP_ASYNC_READ}, unsigned{FUSE_CAP_READDIRPLUS},
                        unsigned{FUSE_CAP_PARALLEL_DIROPS}}) {

@@ -46,6 +46,11 @@ struct FsOptions {
   bool read_only = false;
   double attr_timeout = 10.0;       // seconds the kernel may cache attributes
   std::filesystem::path local_dir;  // backing files of files created in the mount
+  // The largest read-ahead the kernel may ask of us. A page fault in a mapped
+  // file makes the kernel read this much around the page, and each such read
+  // must be fetched whole before the fault is answered; sequential readers do
+  // not need a large one, since the engine reads ahead of them itself.
+  uint32_t max_readahead = 128 << 10;
 };
 
 // Per-op counters, for `lazyfs status`.

@@ -200,10 +200,14 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   eo.max_request = std::max<uint64_t>(eo.max_request, eo.block_size);
   auto engine = std::make_unique<FetchEngine>(source, *cache, eo);
   for (const auto& f : catalog.files()) engine->add_file(f.path, f.size, f.mode);
+  // Every file's attributes come from the source: ask for them all at once,
+  // pipelined, so the restore's lookups rarely wait for a round trip.
+  engine->validate_all();
 
   fs::FsOptions fo;
   fo.read_only = options.read_only;
   fo.local_dir = local_dir;
+  fo.max_readahead = static_cast<uint32_t>(std::min<uint64_t>(eo.block_size, 1 << 20));
   fs::BuildReport report;
   fs::LazyFs lfs(catalog, *engine, fo, options.compat_names, report);
   for (const auto& c : report.conflicts) {

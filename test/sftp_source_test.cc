@@ -552,7 +552,13 @@ TEST_CASE("sftp source: makes the server read exactly the asked bytes", "[sftp][
   const auto file = server.dir() / "data.bin";
   const uint64_t size = 32 * kMiB + 777;
   make_random_file(file, size, 8);
-  auto source = connect(server.options());
+  // Sessions keep their last file open; one session, and a read of another
+  // file after each range, make the server close (and log) data.bin.
+  const auto other = server.dir() / "other.bin";
+  make_random_file(other, 4096, 9);
+  auto opts = server.options();
+  opts.connections = 1;
+  auto source = connect(opts);
   const auto remote = file.string();
 
   uint64_t asked_total = 0;
@@ -566,6 +572,7 @@ TEST_CASE("sftp source: makes the server read exactly the asked bytes", "[sftp][
         auto r = read_range(*source, remote, off, len);
         REQUIRE(r.status.ok());
         REQUIRE(r.data.size() == within);
+        REQUIRE(read_range(*source, other.string(), 0, 1).status.ok());
       });
       CHECK(server_read == within);
       asked_total += within;

@@ -42,19 +42,21 @@ struct FetchEngine::File {
   std::vector<Waiter> waiters;
   std::vector<std::function<void()>> pending;  // requests waiting for validation
   std::vector<InfoCompletion> info_waiters;
-  // Read-ahead: the first and last block of the last demand read (if any),
-  // and the current window.
+  // Read-ahead: the last block of the current sequential run (if any), the
+  // run's length in blocks, the window, and how far read-ahead was asked for.
   bool read_before = false;
-  uint64_t last_begin = 0;
   uint64_t last_end = 0;
+  uint64_t run_blocks = 0;
   uint64_t ra_window = 0;
+  uint64_t ra_frontier = 0;  // bytes
 };
 
 struct FetchEngine::Job {
-  enum class Kind { kFetch, kStat };
+  enum class Kind { kFetch, kStat, kStatMany };
   Kind kind;
-  File* file;
-  Range range;  // what is still to fetch (shrinks on retry)
+  File* file;                // kFetch, kStat
+  std::vector<File*> batch;  // kStatMany
+  Range range;               // what is still to fetch (shrinks on retry)
   std::atomic<int> priority;
   std::atomic<bool> started{false};
   Clock::time_point deadline;  // end of the retry budget
@@ -120,6 +122,7 @@ FetchEngine::FetchEngine(std::shared_ptr<Source> source, BlockCache& cache, Engi
   // One more thread than source requests at once, so that a cache flush or a
   // retry timer never waits for a slow transfer to free a thread.
   pool_ = std::make_unique<Pool>(workers_ + 1);
+  source_->warm_up_async();
   schedule_flush();
 }
 
@@ -136,13 +139,7 @@ FetchEngine::~FetchEngine() {
     }
   }
   const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
-  for (auto& j : abandoned) {
-    if (j->kind == Job::Kind::kFetch) {
-      fail_blocks(*j->file, j->range, cancelled);
-    } else {
-      on_validated(*j->file, cancelled, {});
-    }
-  }
+  for (auto& j : abandoned) abandon(j, cancelled);
   pool_->flush_timer.cancel();
   {
     std::lock_guard lock(pool_->timers_mutex);
@@ -198,6 +195,26 @@ void FetchEngine::file_info(FileId id, InfoCompletion done) {
 }
 
 // Caller holds f.mutex.
+void FetchEngine::validate_all() {
+  auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, Priority::kDemand);
+  for (auto& f : files_) {
+    std::lock_guard lock(f->mutex);
+    if (f->state != File::State::kUnknown) continue;
+    f->state = File::State::kValidating;
+    job->batch.push_back(f.get());
+  }
+  if (!job->batch.empty()) enqueue(std::move(job));
+}
+
+void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
+  std::vector<std::string> paths;
+  paths.reserve(job->batch.size());
+  for (File* f : job->batch) paths.push_back(f->path);
+  source_->stat_many(paths, [&](size_t i, const Status& status, const SourceStat& st) {
+    on_validated(*job->batch[i], status, st);
+  });
+}
+
 void FetchEngine::start_validation(File& f) {
   f.state = File::State::kValidating;
   auto job = std::make_shared<Job>(Job::Kind::kStat, &f, Range{}, Priority::kDemand);
@@ -215,11 +232,18 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
     std::lock_guard lock(f.mutex);
     pending.swap(f.pending);
     info_waiters.swap(f.info_waiters);
-    if (!status.ok()) {
+    if (!status.ok() && status.retryable()) {
       // Not stale: the source could not be asked. A later request asks again.
       f.state = File::State::kUnknown;
       result = Status::transient(EIO, fmt::format("cannot stat {} on {}: {}", f.path,
                                                   source_->describe(), status.message()));
+    } else if (!status.ok()) {
+      // The source answered, and the answer is no (no such file, no access).
+      f.state = File::State::kStale;
+      f.stale_status = Status::permanent(EIO, fmt::format("{} cannot be served from {}: {}", f.path,
+                                                          source_->describe(), status.message()));
+      log::error("engine", "unservable path={} reason=\"{}\"", f.path, status.message());
+      result = f.stale_status;
     } else {
       std::string why;
       if (f.recorded_mode && (st.mode & S_IFMT) != (*f.recorded_mode & S_IFMT)) {
@@ -326,30 +350,39 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
   }
 }
 
-// Caller holds f.mutex. A demand read that moves on past the blocks read
-// last doubles the window (from two blocks up to readahead_max) and fetches
-// that far ahead; a read within the last blocks changes nothing (concurrent
-// readers of one region); a read elsewhere drops the window.
+// Caller holds f.mutex. Read-ahead follows a sequential run: a demand read
+// that starts at or just before the run's last block and goes past it extends
+// the run; the window is as long as the run so far (at least two blocks, at
+// most readahead_max), so a short sequential read fetches little it will not
+// use. Read-ahead is asked for in chunks of at least half a window, coalesced
+// into few source requests, whenever less than half a window is left ahead of
+// the reader. A read a little behind the run (the kernel and FUSE threads
+// reorder requests) changes nothing; a read anywhere else starts a new run
+// with no window: random reads fetch only their own blocks.
 void FetchEngine::readahead_locked(File& f, uint64_t offset, uint64_t end,
                                    std::vector<std::shared_ptr<Job>>& jobs) {
   const uint64_t bs = options_.block_size;
   const uint64_t b0 = offset / bs;
   const uint64_t b1 = (end - 1) / bs;
-  const bool seen = f.read_before;
-  const bool within = seen && b0 >= f.last_begin && b1 <= f.last_end;
-  const bool onward = seen && b0 <= f.last_end + 1 && b1 > f.last_end && b0 >= f.last_begin;
-  if (within) return;
-  f.read_before = true;
-  f.last_begin = b0;
-  f.last_end = b1;
-  if (!onward) {
+  const uint64_t slack = std::max<uint64_t>(4, f.ra_window / bs);
+  const bool near = f.read_before && b0 <= f.last_end + 1 && b1 + slack >= f.last_end;
+  if (!near) {
+    f.read_before = true;
+    f.last_end = b1;
+    f.run_blocks = b1 - b0 + 1;
     f.ra_window = 0;
+    f.ra_frontier = 0;
     return;
   }
-  f.ra_window = std::min(options_.readahead_max, f.ra_window ? f.ra_window * 2 : 2 * bs);
+  if (b1 <= f.last_end) return;
+  f.run_blocks += b1 - f.last_end;
+  f.last_end = b1;
+  f.ra_window = std::min(options_.readahead_max, std::max(2 * bs, f.run_blocks * bs));
   const uint64_t size = f.cache->size();
   const uint64_t from = std::min((b1 + 1) * bs, size);
-  const Range ra{from, std::min(size, from + f.ra_window)};
+  if (f.ra_frontier >= from + f.ra_window / 2) return;  // enough is on its way
+  const Range ra{std::max(from, f.ra_frontier), std::min(size, from + f.ra_window)};
+  f.ra_frontier = ra.end;
   if (!ra.empty()) plan_fetches_locked(f, ra, Priority::kReadAhead, jobs);
 }
 
@@ -399,12 +432,7 @@ void FetchEngine::enqueue(std::shared_ptr<Job> job) {
     }
   }
   if (job) {
-    const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
-    if (job->kind == Job::Kind::kFetch) {
-      fail_blocks(*job->file, job->range, cancelled);
-    } else {
-      on_validated(*job->file, cancelled, {});
-    }
+    abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
     return;
   }
   asio::post(pool_->pool, [this] { run_next(); });
@@ -426,10 +454,16 @@ void FetchEngine::run_next() {
     if (!job) return;  // a duplicate entry of a job that already ran
     ++running_;
   }
-  if (job->kind == Job::Kind::kStat) {
-    run_stat(job);
-  } else {
-    run_fetch(job);
+  switch (job->kind) {
+    case Job::Kind::kStat:
+      run_stat(job);
+      break;
+    case Job::Kind::kStatMany:
+      run_stat_many(job);
+      break;
+    case Job::Kind::kFetch:
+      run_fetch(job);
+      break;
   }
   bool more = false;
   {
@@ -551,22 +585,32 @@ bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& sta
     if (ec) {
       // Cancelled at shutdown.
       job->started = true;
-      const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
       if (job->kind == Job::Kind::kFetch) {
-        {
-          std::lock_guard lock(job->file->mutex);
-          std::erase(job->file->jobs, job);
-        }
-        --counters_->inflight;
-        fail_blocks(*job->file, job->range, cancelled);
-      } else {
-        on_validated(*job->file, cancelled, {});
+        std::lock_guard lock(job->file->mutex);
+        std::erase(job->file->jobs, job);
       }
+      abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
       return;
     }
     enqueue(job);
   });
   return true;
+}
+
+// Fails a job that will not run (shutdown): its waiters get `status`.
+void FetchEngine::abandon(const std::shared_ptr<Job>& job, const Status& status) {
+  switch (job->kind) {
+    case Job::Kind::kFetch:
+      --counters_->inflight;
+      fail_blocks(*job->file, job->range, status);
+      break;
+    case Job::Kind::kStat:
+      on_validated(*job->file, status, {});
+      break;
+    case Job::Kind::kStatMany:
+      for (File* f : job->batch) on_validated(*f, status, {});
+      break;
+  }
 }
 
 // Gives up on `range` of f: its blocks are no longer in flight and every

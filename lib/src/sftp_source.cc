@@ -41,6 +41,7 @@
 #include <mutex>
 #include <set>
 #include <system_error>
+#include <thread>
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/log.h"
@@ -428,6 +429,10 @@ class Session {
 
   Status connect(std::mutex& known_hosts_mu);
   Status stat(const std::string& remote, SourceStat& out);
+  // Pipelined STATs; marks each answered index (answers carry their own
+  // status) and returns what stopped the session, if anything did.
+  Status stat_many(const std::vector<std::string>& remotes, std::vector<bool>& answered,
+                   const Source::StatDone& done);
   // `delivered` counts the bytes handed to `sink`, even on failure.
   Status read(const std::string& remote, uint64_t offset, uint64_t length, const ChunkSink& sink,
               uint64_t& delivered);
@@ -464,7 +469,7 @@ class Session {
   Status receive(Reply& reply);
   Status call(const Outgoing& out, uint32_t id, Reply& reply);
 
-  Status open_file(const std::string& remote, std::string& handle);
+  Status reopen(const std::string& remote);
   Status close_file(const std::string& handle);
   Status read_handle(const std::string& remote, const std::string& handle, uint64_t offset,
                      uint64_t length, const ChunkSink& sink, uint64_t& delivered);
@@ -479,6 +484,8 @@ class Session {
   std::chrono::milliseconds timeout_{};  // the one set on session_ now
   bool host_known_ = false;              // known_hosts has some key for the host
   uint32_t next_id_ = 1;
+  std::string open_path_;    // the file kept open since the last read, if any
+  std::string open_handle_;  // its SFTP handle
   std::vector<std::byte> rbuf_;
   size_t rpos_ = 0;
   size_t rend_ = 0;
@@ -848,6 +855,51 @@ Status Session::call(const Outgoing& out, uint32_t id, Reply& reply) {
   return {};
 }
 
+Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<bool>& answered,
+                          const Source::StatDone& done) {
+  constexpr size_t kStatsInFlight = 64;
+  std::deque<std::pair<uint32_t, size_t>> pending;  // request id, index
+  size_t next = 0;
+  Outgoing out;
+  Reply reply;
+  while (next < remotes.size() || !pending.empty()) {
+    while (next < remotes.size() && pending.size() < kStatsInFlight) {
+      const uint32_t id = next_id_++;
+      out.begin(kFxpStat);
+      out.u32(id);
+      out.str(remotes[next]);
+      out.end();
+      pending.emplace_back(id, next++);
+    }
+    if (!out.empty()) {
+      auto st = send(out);
+      out.clear();
+      if (!st.ok()) return st;
+    }
+    auto st = receive(reply);
+    if (!st.ok()) return st;
+    // sftp-server answers in order.
+    if (reply.id != pending.front().first) {
+      return protocol_error(
+          fmt::format("reply to {} while waiting for {}", reply.id, pending.front().first));
+    }
+    const size_t index = pending.front().second;
+    pending.pop_front();
+    Fields f(reply.body);
+    SourceStat attrs;
+    Status result;
+    if (reply.type == kFxpStatus) {
+      result = status_error(f, remotes[index]);
+      if (broken_) return result;
+    } else if (reply.type != kFxpAttrs || !parse_attrs(f, attrs)) {
+      return protocol_error(fmt::format("STAT answered by {}", reply.type));
+    }
+    answered[index] = true;
+    done(index, result, attrs);
+  }
+  return {};
+}
+
 Status Session::stat(const std::string& remote, SourceStat& out) {
   Outgoing req;
   uint32_t id = next_id_++;
@@ -864,27 +916,6 @@ Status Session::stat(const std::string& remote, SourceStat& out) {
     return protocol_error(fmt::format("STAT answered by {}", reply.type));
   out = SourceStat{};
   if (!parse_attrs(f, out)) return protocol_error("truncated ATTRS");
-  return {};
-}
-
-Status Session::open_file(const std::string& remote, std::string& handle) {
-  Outgoing req;
-  uint32_t id = next_id_++;
-  req.begin(kFxpOpen);
-  req.u32(id);
-  req.str(remote);
-  req.u32(kFxfRead);
-  req.u32(0);  // no attributes
-  req.end();
-  Reply reply;
-  auto st = call(req, id, reply);
-  if (!st.ok()) return st;
-  Fields f(reply.body);
-  if (reply.type == kFxpStatus) return status_error(f, remote);
-  if (reply.type != kFxpHandle)
-    return protocol_error(fmt::format("OPEN answered by {}", reply.type));
-  handle = f.str();
-  if (!f.ok() || handle.empty()) return protocol_error("bad HANDLE");
   return {};
 }
 
@@ -914,16 +945,72 @@ void Session::queue_read(Outgoing& out, const std::string& handle, const Pending
   out.end();
 }
 
+// The session keeps the file of its last read open, so further reads of it
+// cost no OPEN and CLOSE round trips; moving to another file sends the CLOSE
+// of the old and the OPEN of the new together (the server answers in order).
+Status Session::reopen(const std::string& remote) {
+  Outgoing out;
+  uint32_t close_id = 0;
+  if (!open_handle_.empty()) {
+    close_id = next_id_++;
+    out.begin(kFxpClose);
+    out.u32(close_id);
+    out.str(open_handle_);
+    out.end();
+  }
+  const uint32_t open_id = next_id_++;
+  out.begin(kFxpOpen);
+  out.u32(open_id);
+  out.str(remote);
+  out.u32(kFxfRead);
+  out.u32(0);  // no attributes
+  out.end();
+  open_path_.clear();
+  open_handle_.clear();
+  auto st = send(out);
+  if (!st.ok()) return st;
+  Reply reply;
+  if (close_id) {
+    st = receive(reply);
+    if (!st.ok()) return st;
+    if (reply.id != close_id || reply.type != kFxpStatus) {
+      return protocol_error(
+          fmt::format("CLOSE {} answered by {} for {}", close_id, reply.type, reply.id));
+    }
+  }
+  st = receive(reply);
+  if (!st.ok()) return st;
+  if (reply.id != open_id) {
+    return protocol_error(fmt::format("reply to {} while waiting for {}", reply.id, open_id));
+  }
+  Fields f(reply.body);
+  if (reply.type == kFxpStatus) return status_error(f, remote);
+  if (reply.type != kFxpHandle) {
+    return protocol_error(fmt::format("OPEN answered by {}", reply.type));
+  }
+  std::string handle = f.str();
+  if (!f.ok() || handle.empty()) return protocol_error("bad HANDLE");
+  open_path_ = remote;
+  open_handle_ = std::move(handle);
+  return {};
+}
+
 Status Session::read(const std::string& remote, uint64_t offset, uint64_t length,
                      const ChunkSink& sink, uint64_t& delivered) {
   delivered = 0;
-  std::string handle;
-  auto st = open_file(remote, handle);
-  if (!st.ok()) return st;
-  auto result = read_handle(remote, handle, offset, length, sink, delivered);
-  if (broken_) return result;
-  st = close_file(handle);
-  if (!st.ok() && result.ok()) return st;
+  if (open_path_ != remote || open_handle_.empty()) {
+    auto st = reopen(remote);
+    if (!st.ok()) return st;
+  }
+  auto result = read_handle(remote, open_handle_, offset, length, sink, delivered);
+  if (!result.ok() && !broken_) {
+    // The server refused a READ: do not keep a handle in doubt.
+    std::string handle = std::move(open_handle_);
+    open_handle_.clear();
+    open_path_.clear();
+    auto st = close_file(handle);
+    if (!st.ok()) return st;
+  }
   return result;
 }
 
@@ -1032,6 +1119,23 @@ class SftpSource final : public Source {
     return with_session([&](Session& session, bool&) { return session.stat(remote, out); });
   }
 
+  void stat_many(const std::vector<std::string>& paths, const StatDone& done) override {
+    counters_.stats.fetch_add(paths.size(), std::memory_order_relaxed);
+    std::vector<std::string> remotes;
+    remotes.reserve(paths.size());
+    for (const auto& p : paths) remotes.push_back(remote_path(p));
+    std::vector<bool> answered(paths.size(), false);
+    auto st = with_session([&](Session& session, bool& progressed) {
+      auto result = session.stat_many(remotes, answered, done);
+      progressed = std::find(answered.begin(), answered.end(), true) != answered.end();
+      return result;
+    });
+    if (st.ok()) return;
+    for (size_t i = 0; i < paths.size(); ++i) {
+      if (!answered[i]) done(i, st, SourceStat{});
+    }
+  }
+
   Status read(const std::string& path, uint64_t offset, uint64_t length,
               const ChunkSink& sink) override {
     counters_.reads.fetch_add(1, std::memory_order_relaxed);
@@ -1046,6 +1150,38 @@ class SftpSource final : public Source {
                  delivered, st.errnum());
       return st;
     });
+  }
+
+  ~SftpSource() override {
+    for (auto& t : warmers_) t.join();
+  }
+
+  // Opens the pool's other sessions in parallel, so the first reads after a
+  // mount do not each wait for an SSH handshake.
+  void warm_up_async() override {
+    unsigned want;
+    {
+      std::lock_guard lock(mu_);
+      want = s_.connections - std::min(s_.connections, open_);
+    }
+    for (unsigned i = 0; i < want; ++i) {
+      warmers_.emplace_back([this] {
+        {
+          std::lock_guard lock(mu_);
+          if (open_ >= s_.connections) return;
+          ++open_;
+        }
+        auto session = std::make_unique<Session>(s_);
+        if (session->connect(known_hosts_mu_).ok()) {
+          counters_.connects.fetch_add(1, std::memory_order_relaxed);
+          checkin(std::move(session));
+        } else {
+          counters_.connect_failures.fetch_add(1, std::memory_order_relaxed);
+          session.reset();
+          release_slot();
+        }
+      });
+    }
   }
 
   // Opens the first session, so that make_sftp_source reports start-up errors.
@@ -1151,6 +1287,7 @@ class SftpSource final : public Source {
   std::vector<std::unique_ptr<Session>> idle_;  // guarded by mu_
   unsigned open_ = 0;  // sessions idle, in use or being opened; guarded by mu_
   std::atomic<SourceState> state_{SourceState::kConnected};
+  std::vector<std::thread> warmers_;  // joined on destruction
 };
 
 bool valid_host(std::string_view host) {

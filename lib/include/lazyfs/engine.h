@@ -111,6 +111,10 @@ class FetchEngine {
   FileId add_file(const std::string& path, std::optional<uint64_t> recorded_size,
                   std::optional<uint32_t> recorded_mode);
 
+  // Validates every file not yet validated, with one pipelined batch of
+  // stats on the source, so that later lookups find their answers ready.
+  void validate_all();
+
   // Validates the file against the source (once; later calls answer from
   // memory). `done` runs on a worker thread, or on this one if already known.
   void file_info(FileId file, InfoCompletion done);
@@ -149,6 +153,8 @@ class FetchEngine {
   void run_next();
   void run_fetch(const std::shared_ptr<Job>& job);
   void run_stat(const std::shared_ptr<Job>& job);
+  void run_stat_many(const std::shared_ptr<Job>& job);
+  void abandon(const std::shared_ptr<Job>& job, const Status& status);
   bool retry_later(const std::shared_ptr<Job>& job, const Status& status);
   void fail_blocks(File& f, Range range, const Status& status);
   void readahead_locked(File& f, uint64_t offset, uint64_t end,

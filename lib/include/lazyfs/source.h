@@ -18,6 +18,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "lazyfs/status.h"
 
@@ -58,6 +59,17 @@ class Source {
   // stat(2) of ROOT + path, following symlinks.
   virtual Status stat(const std::string& path, SourceStat& out) = 0;
 
+  // stat() of many paths; `done(i, status, stat)` runs once for each, in any
+  // order, on the calling thread. Sources with round trips pipeline them.
+  using StatDone = std::function<void(size_t index, const Status&, const SourceStat&)>;
+  virtual void stat_many(const std::vector<std::string>& paths, const StatDone& done) {
+    for (size_t i = 0; i < paths.size(); ++i) {
+      SourceStat st;
+      Status status = stat(paths[i], st);
+      done(i, status, st);
+    }
+  }
+
   // Reads [offset, offset + length) of ROOT + path and hands it to `sink`.
   // Fewer bytes only when the file ends first (then ok, with what there was).
   // A failure may come after some chunks were delivered; they are valid.
@@ -66,6 +78,10 @@ class Source {
 
   // How many calls the source serves at once.
   virtual unsigned max_concurrency() const = 0;
+
+  // Starts opening connections ahead of need (in the background); a source
+  // without connections does nothing.
+  virtual void warm_up_async() {}
 
   virtual SourceState state() const { return SourceState::kConnected; }
   const SourceCounters& counters() const { return counters_; }
