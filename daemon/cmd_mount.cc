@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "lazyfs/image.h"
 #include "lazyfs/log.h"
+#include "lazyfs/trace.h"
 #include "mount.h"
 
 namespace lazyfs::cli {
@@ -22,6 +23,9 @@ struct MountCli {
   std::string block_size = "128K";
   double timeout_s = 30;
   std::string log_level = "info";
+  std::string fill_rate;
+  unsigned trace_seconds = 60;
+  std::string prefetch;
 };
 
 bool parse_size(const std::string& text, uint64_t& out) {
@@ -77,6 +81,27 @@ int mount_command(MountCli& cli) {
   if (cli.timeout_s <= 0 || cli.timeout_s > 86400) {
     print_error("--timeout: need a number of seconds above 0");
     return kExitBadInput;
+  }
+  if (!cli.fill_rate.empty()) {
+    if (!parse_size(cli.fill_rate, o.fill_rate) || o.fill_rate == 0) {
+      print_error(fmt::format("--fill-rate {}: need bytes per second, e.g. 50M", cli.fill_rate));
+      return kExitBadInput;
+    }
+    o.fill = true;
+  }
+  if (cli.trace_seconds == 0) {
+    print_error("--trace-seconds: need at least 1");
+    return kExitBadInput;
+  }
+  o.trace_seconds = std::chrono::seconds(cli.trace_seconds);
+  if (!o.record_trace.empty()) o.record_trace = std::filesystem::absolute(o.record_trace);
+  if (!cli.prefetch.empty()) {
+    try {
+      o.prefetch = read_trace(cli.prefetch);
+    } catch (const TraceError& e) {
+      print_error(e.what());
+      return kExitBadInput;
+    }
   }
   o.timeout = std::chrono::milliseconds(static_cast<int64_t>(cli.timeout_s * 1000));
   o.stall_timeout = std::min(o.stall_timeout, o.timeout);
@@ -204,6 +229,17 @@ Runner add_mount_command(CLI::App& app) {
   cmd->add_option("--log-level", cli->log_level, "debug, info, warn, error or off (default info)");
   cmd->add_option("--log-file", o.log_file,
                   "Log here (default: stderr in the foreground, CACHE_DIR/lazyfs.log detached)");
+  cmd->add_flag("--fill", o.fill,
+                "Fetch every remaining byte in the background, behind readers, until the "
+                "source is no longer needed (see `lazyfs status --wait`)");
+  cmd->add_option("--fill-rate", cli->fill_rate,
+                  "Cap the fill's bandwidth, bytes per second (e.g. 50M); implies --fill");
+  cmd->add_option("--record-trace", o.record_trace,
+                  "Write which blocks were read in the first --trace-seconds to this file");
+  cmd->add_option("--trace-seconds", cli->trace_seconds, "How long to record (default 60)");
+  cmd->add_option("--prefetch", cli->prefetch,
+                  "Fetch the blocks a recorded trace names right after mounting, ahead of "
+                  "everything but reads");
   cmd->add_option("-o", o.fuse_options, "FUSE mount option (repeatable)")->allow_extra_args(false);
   return [cli]() { return mount_command(*cli); };
 }

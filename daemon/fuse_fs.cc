@@ -398,6 +398,7 @@ void lfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_
     if (v->kind != Node::Kind::kServed) return reply_err(fs, Op::kRead, req, EISDIR);
     auto parked = std::make_shared<Parked>(fs, req, Op::kRead, true);
     const uint32_t id = v->file_id;
+    if (fs.options().trace) fs.options().trace->record(v->source_path, offset, size);
     fs.engine().request(
         id, offset, size, Priority::kDemand, [parked, id, offset, size](const Status& st) {
           fuse_req_t r = parked->take();

@@ -23,6 +23,7 @@
 #include <unordered_map>
 
 #include "lazyfs/engine.h"
+#include "lazyfs/trace.h"
 
 namespace lazyfs::fs {
 
@@ -51,6 +52,7 @@ struct FsOptions {
   // must be fetched whole before the fault is answered; sequential readers do
   // not need a large one, since the engine reads ahead of them itself.
   uint32_t max_readahead = 128 << 10;
+  TraceRecorder* trace = nullptr;  // records demand reads (--record-trace)
 };
 
 // Per-op counters, for `lazyfs status`.

@@ -22,6 +22,10 @@ int run(int argc, char** argv) {
       "lazyfs"};
   app.set_version_flag("--version", std::string("lazyfs ") + LAZYFS_VERSION);
   app.require_subcommand(1);
+  app.footer(
+      "`lazyfs MOUNTPOINT IMGDIR USER@HOST` (the original LazyFS form) means `lazyfs mount "
+      "MOUNTPOINT IMGDIR USER@HOST`.\nRun `lazyfs SUBCOMMAND --help` for a subcommand's options; "
+      "docs/usage.md walks through a migration.");
 
   std::vector<std::pair<CLI::App*, Runner>> commands;
   auto add = [&](Runner runner) { commands.emplace_back(app.get_subcommands({}).back(), runner); };

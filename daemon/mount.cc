@@ -7,12 +7,17 @@
 
 #include <fmt/core.h>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+#include <unordered_map>
 
 #include "control.h"
 #include "fuse_fs.h"
+#include "lazyfs/fill.h"
 #include "lazyfs/log.h"
 
 namespace lazyfs::cli {
@@ -113,8 +118,27 @@ Status check_mountpoint(const std::filesystem::path& mountpoint) {
 
 namespace {
 
+nlohmann::json fill_json(BackgroundFill* fill) {
+  if (!fill) return {{"enabled", false}};
+  const auto p = fill->progress();
+  nlohmann::json j{{"enabled", true},
+                   {"state", fill_state_name(p.state)},
+                   {"rate_bytes_s", p.rate},
+                   {"requested_bytes", p.requested}};
+  if (!p.error.empty()) j["error"] = p.error;
+  return j;
+}
+
+// What a mount runs beside serving reads, for the status document.
+struct Extras {
+  BackgroundFill* fill = nullptr;
+  TraceRecorder* trace = nullptr;
+  size_t prefetch_records = 0;
+  size_t prefetch_skipped = 0;
+};
+
 std::string render_status(const MountOptions& options, const Catalog& catalog, FetchEngine& engine,
-                          fs::LazyFs& lfs) {
+                          fs::LazyFs& lfs, const Extras& extras) {
   const auto es = engine.stats();
   auto files = nlohmann::json::array();
   uint64_t total = 0, fetched = 0, present = 0, local = 0;
@@ -170,6 +194,12 @@ std::string render_status(const MountOptions& options, const Catalog& catalog, F
         {"max_s", es.latency_max_s},
         {"ms_log2_buckets", es.latency_ms_log2}}},
       {"ops", ops},
+      {"demand_misses", es.demand_misses},
+      {"fill", fill_json(extras.fill)},
+      {"prefetch", {{"records", extras.prefetch_records}, {"skipped", extras.prefetch_skipped}}},
+      {"trace", extras.trace ? nlohmann::json{{"file", options.record_trace.string()},
+                                              {"records", extras.trace->records()}}
+                             : nlohmann::json(nullptr)},
       {"files", files}};
   return j.dump();
 }
@@ -204,7 +234,14 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   // pipelined, so the restore's lookups rarely wait for a round trip.
   engine->validate_all();
 
+  std::unique_ptr<TraceRecorder> recorder;
+  if (!options.record_trace.empty()) {
+    recorder =
+        std::make_unique<TraceRecorder>(options.record_trace, options.trace_seconds, eo.block_size);
+  }
+
   fs::FsOptions fo;
+  fo.trace = recorder.get();
   fo.read_only = options.read_only;
   fo.local_dir = local_dir;
   fo.max_readahead = static_cast<uint32_t>(std::min<uint64_t>(eo.block_size, 1 << 20));
@@ -240,12 +277,59 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
                                              options.mountpoint.string())));
     return 1;
   }
+  Extras extras;
+  extras.trace = recorder.get();
+  // A trace's blocks, fetched ahead of everything but readers' demand.
+  std::vector<FetchEngine::FileId> trace_order;
+  {
+    std::unordered_map<std::string, FetchEngine::FileId> ids;
+    for (FetchEngine::FileId id = 0; id < catalog.files().size(); ++id) {
+      ids.emplace(catalog.files()[id].path, id);
+    }
+    std::set<std::string> unknown;
+    std::set<FetchEngine::FileId> ordered;
+    for (const auto& r : options.prefetch) {
+      auto it = ids.find(r.path);
+      if (it == ids.end()) {
+        ++extras.prefetch_skipped;
+        if (unknown.insert(r.path).second) {
+          log::warn("prefetch", "skipping path={}: not a file of this checkpoint", r.path);
+        }
+        continue;
+      }
+      ++extras.prefetch_records;
+      engine->request(it->second, r.offset, r.length, Priority::kPrefetch, {});
+      if (ordered.insert(it->second).second) trace_order.push_back(it->second);
+    }
+  }
+  std::unique_ptr<BackgroundFill> fill;
+  if (options.fill) {
+    FillOptions fill_options;
+    fill_options.rate = options.fill_rate;
+    fill_options.first = trace_order;
+    fill = std::make_unique<BackgroundFill>(*engine, fill_options);
+    extras.fill = fill.get();
+  }
+  // Ends the trace when its window has passed, even if no read comes then.
+  std::mutex trace_mutex;
+  std::condition_variable trace_cv;
+  bool stopping = false;
+  std::thread trace_timer;
+  if (recorder) {
+    trace_timer = std::thread([&] {
+      std::unique_lock lock(trace_mutex);
+      trace_cv.wait_for(lock, options.trace_seconds, [&] { return stopping; });
+      std::string error;
+      if (!recorder->finish(error)) log::error("trace", "{}", error);
+    });
+  }
+
   std::unique_ptr<ControlServer> control;
   {
     Status cst;
     control = std::make_unique<ControlServer>(
         control_socket_path(options.mountpoint),
-        [&] { return render_status(options, catalog, *engine, lfs); }, cst);
+        [&] { return render_status(options, catalog, *engine, lfs, extras); }, cst);
     if (!cst.ok()) log::warn("mount", "no status socket: {}", cst.message());
   }
   log::info("mount", "serving mountpoint={} checkpoint={} files={} source={} cache={}",
@@ -261,6 +345,15 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   log::info("mount", "unmounting mountpoint={} reason={}", options.mountpoint.string(),
             rc > 0 ? fmt::format("signal {}", rc) : std::string("unmounted"));
   control.reset();
+  fill.reset();
+  if (trace_timer.joinable()) {
+    {
+      std::lock_guard lock(trace_mutex);
+      stopping = true;
+    }
+    trace_cv.notify_all();
+    trace_timer.join();
+  }
   fuse_session_unmount(se);
   engine.reset();  // answers what is still parked, flushes the cache maps
   fuse_remove_signal_handlers(se);

@@ -15,6 +15,7 @@
 #include "lazyfs/engine.h"
 #include "lazyfs/sftp_source.h"
 #include "lazyfs/source.h"
+#include "lazyfs/trace.h"
 
 namespace lazyfs::cli {
 
@@ -36,6 +37,11 @@ struct MountOptions {
   bool compat_names = false;
   std::vector<std::string> fuse_options;  // -o
   std::filesystem::path log_file;         // empty: stderr, or CACHE_DIR/lazyfs.log when detached
+  bool fill = false;                      // fetch everything in the background
+  uint64_t fill_rate = 0;                 // bytes per second, 0: no cap
+  std::filesystem::path record_trace;     // write the first reads here
+  std::chrono::seconds trace_seconds{60};
+  std::vector<TraceRecord> prefetch;  // blocks to fetch right after mount
 };
 
 // The default cache directory: /var/cache/lazyfs for root, else

@@ -72,6 +72,7 @@ struct FetchEngine::Counters {
   std::atomic<uint64_t> fetch_requests{0};
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> cache_hits{0};
+  std::atomic<uint64_t> demand_misses{0};
   std::atomic<uint64_t> inflight{0};
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> errors{0};
@@ -339,7 +340,10 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
       } else if (done) {
         f.waiters.push_back({want, std::move(done)});
       }
-      if (!hit) plan_fetches_locked(f, want, priority, jobs);
+      if (!hit) {
+        plan_fetches_locked(f, want, priority, jobs);
+        if (priority == Priority::kDemand) ++counters_->demand_misses;
+      }
       if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
     }
   }
@@ -667,6 +671,7 @@ EngineStats FetchEngine::stats() const {
   s.fetch_requests = counters_->fetch_requests;
   s.requests = counters_->requests;
   s.cache_hits = counters_->cache_hits;
+  s.demand_misses = counters_->demand_misses;
   s.inflight = counters_->inflight;
   s.retries = counters_->retries;
   s.errors = counters_->errors;

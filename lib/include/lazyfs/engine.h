@@ -9,8 +9,8 @@
 //   time however many requesters want it.
 // - A requester is woken as soon as its own blocks are present, not when the
 //   whole source request ends (sources stream chunks as they arrive).
-// - Priorities: demand before read-ahead before background; a queued request
-//   whose blocks a demand read wants is raised to demand.
+// - Priorities: demand before prefetch before read-ahead before background; a
+//   queued request whose blocks a higher-priority request wants is raised.
 // - Sequential reads grow a read-ahead window from one block up to
 //   EngineOptions::readahead_max; a random read shrinks it back.
 // - Before a file is first served it is stat'ed on the source once: a type or
@@ -44,8 +44,10 @@
 
 namespace lazyfs {
 
-enum class Priority : int { kDemand = 0, kReadAhead = 1, kBackground = 2 };
-inline constexpr size_t kPriorityCount = 3;
+// Demand: a reader waits. Prefetch: blocks a recorded trace says will be
+// read soon. Read-ahead: past a sequential reader. Background: fill.
+enum class Priority : int { kDemand = 0, kPrefetch = 1, kReadAhead = 2, kBackground = 3 };
+inline constexpr size_t kPriorityCount = 4;
 
 struct EngineOptions {
   // Unit of fetching and of the cache's bookkeeping. 128 KiB: see
@@ -76,6 +78,7 @@ struct EngineStats {
   uint64_t fetch_requests = 0;  // source read requests completed
   uint64_t requests = 0;        // request() calls
   uint64_t cache_hits = 0;      // request() calls with every byte present
+  uint64_t demand_misses = 0;   // demand request() calls that had to wait for a fetch
   uint64_t inflight = 0;        // source requests queued or running
   uint64_t retries = 0;
   uint64_t errors = 0;         // source requests given up on
@@ -132,6 +135,10 @@ class FetchEngine {
   // The file's current size if known: the cache's once validated, else the
   // recorded one.
   std::optional<uint64_t> known_size(FileId file) const;
+
+  size_t file_count() const { return files_.size(); }
+  // Source requests that may run at once.
+  unsigned workers() const { return workers_; }
 
   EngineStats stats() const;
   std::vector<FileStats> file_stats() const;

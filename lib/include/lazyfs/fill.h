@@ -1,0 +1,71 @@
+// BackgroundFill: fetches every byte of every served file that is not yet in
+// the cache, at the lowest priority, so the source can be released once the
+// fill is complete. Small files first, each in one request; then large files
+// in large ranges. Files named by a trace come first, in its order. It keeps
+// at most one request fewer in flight than the engine has workers, so a
+// reader always finds a free connection, and can cap its own bandwidth.
+// Resuming after a restart is free: only missing bytes are requested.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lazyfs/engine.h"
+
+namespace lazyfs {
+
+struct FillOptions {
+  uint64_t rate = 0;                       // bytes per second; 0: as fast as it goes
+  uint64_t small_file = 1 << 20;           // files up to this size go first, whole
+  uint64_t chunk = 4 << 20;                // request size for large files
+  std::vector<FetchEngine::FileId> first;  // files to fill first, in order (a trace's)
+};
+
+enum class FillState { kRunning, kComplete, kFailed, kStopped };
+const char* fill_state_name(FillState state);
+
+struct FillProgress {
+  FillState state = FillState::kRunning;
+  std::string error;       // why it failed
+  uint64_t requested = 0;  // bytes it asked the engine for
+  double rate = 0;         // bytes per second over the last few seconds
+};
+
+class BackgroundFill {
+ public:
+  // Starts at once, on its own thread.
+  BackgroundFill(FetchEngine& engine, FillOptions options);
+  // Stops (waiting for its requests in flight).
+  ~BackgroundFill();
+  BackgroundFill(const BackgroundFill&) = delete;
+  BackgroundFill& operator=(const BackgroundFill&) = delete;
+
+  FillProgress progress() const;
+
+ private:
+  void run();
+  bool fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length);
+  void pace(uint64_t bytes);
+
+  FetchEngine& engine_;
+  FillOptions options_;
+  unsigned max_in_flight_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stop_ = false;       // guarded by mutex_
+  unsigned in_flight_ = 0;  // guarded by mutex_
+  FillProgress progress_;   // guarded by mutex_
+  std::vector<std::pair<std::chrono::steady_clock::time_point, uint64_t>> samples_;  // guarded
+  std::chrono::steady_clock::time_point pace_start_;
+  uint64_t paced_bytes_ = 0;
+  std::thread thread_;  // last: started when everything else is ready
+};
+
+}  // namespace lazyfs

@@ -1,0 +1,177 @@
+#include "lazyfs/fill.h"
+
+#include <fmt/core.h>
+#include <algorithm>
+#include <set>
+
+#include "lazyfs/log.h"
+
+namespace lazyfs {
+
+using Clock = std::chrono::steady_clock;
+
+const char* fill_state_name(FillState state) {
+  switch (state) {
+    case FillState::kRunning:
+      return "running";
+    case FillState::kComplete:
+      return "complete";
+    case FillState::kFailed:
+      return "failed";
+    case FillState::kStopped:
+      return "stopped";
+  }
+  return "?";
+}
+
+BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
+    : engine_(engine),
+      options_(std::move(options)),
+      max_in_flight_(std::max(1u, engine.workers() - 1)) {
+  const uint64_t bs = engine_.options().block_size;
+  if (options_.rate > 0) options_.chunk = std::min(options_.chunk, std::max(bs, options_.rate / 4));
+  options_.chunk = std::max(bs, options_.chunk / bs * bs);
+  thread_ = std::thread([this] { run(); });
+}
+
+BackgroundFill::~BackgroundFill() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  thread_.join();
+}
+
+FillProgress BackgroundFill::progress() const {
+  std::lock_guard lock(mutex_);
+  FillProgress p = progress_;
+  const auto now = Clock::now();
+  uint64_t bytes = 0;
+  auto oldest = now;
+  for (const auto& [t, n] : samples_) {
+    if (now - t > std::chrono::seconds(5)) continue;
+    bytes += n;
+    oldest = std::min(oldest, t);
+  }
+  const double span = std::chrono::duration<double>(now - oldest).count();
+  p.rate = span > 0.2 ? static_cast<double>(bytes) / span : 0;
+  return p;
+}
+
+void BackgroundFill::run() {
+  // The order: the trace's files first, then the rest; small files before
+  // large ones, each group in that order.
+  std::vector<FetchEngine::FileId> order;
+  std::set<FetchEngine::FileId> seen;
+  for (auto id : options_.first) {
+    if (id < engine_.file_count() && seen.insert(id).second) order.push_back(id);
+  }
+  for (FetchEngine::FileId id = 0; id < engine_.file_count(); ++id) {
+    if (seen.insert(id).second) order.push_back(id);
+  }
+  struct Item {
+    FetchEngine::FileId id;
+    uint64_t size;
+  };
+  std::vector<Item> items;
+  for (auto id : order) {
+    // Validated at mount start (or now): the size may come from the source.
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    Status status;
+    uint64_t size = 0;
+    engine_.file_info(id, [&](const Status& st, const FileInfo& info) {
+      std::lock_guard lock(m);
+      status = st;
+      size = info.size;
+      done = true;
+      cv.notify_all();
+    });
+    {
+      std::unique_lock lock(m);
+      cv.wait(lock, [&] { return done; });
+    }
+    if (!status.ok()) {
+      std::lock_guard lock(mutex_);
+      progress_.state = FillState::kFailed;
+      progress_.error = status.message();
+      log::error("fill", "stopped reason=\"{}\"", status.message());
+      return;
+    }
+    items.push_back({id, engine_.known_size(id).value_or(size)});
+  }
+  std::stable_partition(items.begin(), items.end(),
+                        [&](const Item& i) { return i.size <= options_.small_file; });
+
+  pace_start_ = Clock::now();
+  bool ok = true;
+  for (const auto& item : items) {
+    CacheFile* cache = engine_.cache_file(item.id);
+    if (!cache) continue;
+    const bool small = item.size <= options_.small_file;
+    for (Range r : cache->missing({0, cache->size()})) {
+      if (small) {
+        ok = fill_range(item.id, 0, cache->size());  // one request: the engine skips what is there
+        break;
+      }
+      for (uint64_t at = r.begin; ok && at < r.end; at += options_.chunk) {
+        ok = fill_range(item.id, at, std::min(options_.chunk, r.end - at));
+      }
+      if (!ok) break;
+    }
+    if (!ok) break;
+  }
+
+  std::unique_lock lock(mutex_);
+  cv_.wait(lock, [&] { return in_flight_ == 0; });
+  if (progress_.state != FillState::kRunning) return;
+  if (stop_) {
+    progress_.state = FillState::kStopped;
+    return;
+  }
+  progress_.state = FillState::kComplete;
+  log::info("fill", "complete bytes={}", progress_.requested);
+}
+
+// Asks for one range at background priority once the pace and the in-flight
+// limit allow; false if the fill must end (stopped or failed).
+bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length) {
+  pace(length);
+  std::unique_lock lock(mutex_);
+  cv_.wait(lock, [&] {
+    return stop_ || progress_.state != FillState::kRunning || in_flight_ < max_in_flight_;
+  });
+  if (stop_ || progress_.state != FillState::kRunning) return false;
+  ++in_flight_;
+  progress_.requested += length;
+  lock.unlock();
+  engine_.request(id, offset, length, Priority::kBackground, [this, length](const Status& st) {
+    std::lock_guard l(mutex_);
+    --in_flight_;
+    if (st.ok()) {
+      samples_.emplace_back(Clock::now(), length);
+      if (samples_.size() > 4096) samples_.erase(samples_.begin(), samples_.begin() + 2048);
+    } else if (progress_.state == FillState::kRunning && !stop_) {
+      progress_.state = FillState::kFailed;
+      progress_.error = st.message();
+      log::error("fill", "stopped reason=\"{}\"", st.message());
+    }
+    cv_.notify_all();
+  });
+  return true;
+}
+
+// Keeps the fill's average rate at options_.rate (if set).
+void BackgroundFill::pace(uint64_t bytes) {
+  if (options_.rate == 0) return;
+  const auto due =
+      pace_start_ + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+                        static_cast<double>(paced_bytes_) / static_cast<double>(options_.rate)));
+  paced_bytes_ += bytes;
+  std::unique_lock lock(mutex_);
+  cv_.wait_until(lock, due, [&] { return stop_; });
+}
+
+}  // namespace lazyfs

@@ -1,0 +1,168 @@
+// The fill and traces on real mounts: `status --wait`, a source that stops
+// half way, a restart that resumes, and a recorded trace prefetched next time.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include "lazyfs/trace.h"
+#include "mount_fixture.h"
+#include "sshd_fixture.h"
+#include "test_util.h"
+
+using namespace lazyfs;
+using namespace lazyfs::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr uint64_t kBlock = 128 << 10;
+const std::string kBig = "/srv/lazyfs-fixture-a/data/big.bin";
+
+struct Rig {
+  ScratchDir dir{"fillmount"};
+  std::filesystem::path images = dir.path() / "images";
+  std::filesystem::path source = dir.path() / "source";
+  std::filesystem::path mnt = dir.path() / "mnt";
+  std::filesystem::path cache = dir.path() / "cache";
+  Catalog catalog;
+  std::unique_ptr<LazyfsMount> mount;
+
+  Rig() : catalog(load()) { populate_source(catalog, source); }
+  Catalog load() {
+    copy_fixture(images);
+    return Catalog::load(images);
+  }
+  void start(const std::string& uri, std::vector<std::string> extra) {
+    extra.insert(extra.begin(), {"--cache-dir", cache.string()});
+    mount = std::make_unique<LazyfsMount>(mnt, images, uri, extra);
+  }
+  void start_file(std::vector<std::string> extra) {
+    start("file://" + source.string(), std::move(extra));
+  }
+  std::string at(const std::string& p) const { return mount->at(p).string(); }
+};
+
+uint64_t present(const nlohmann::json& st) {
+  return st["present_bytes"].get<uint64_t>();
+}
+
+}  // namespace
+
+TEST_CASE("with --fill every file becomes local and status --wait returns 0", "[mount][fill]") {
+  Rig rig;
+  rig.start_file({"--fill"});
+  auto r = run_lazyfs({"status", "--wait", rig.mnt.string()});
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.out, Catch::Contains("complete"));
+  auto st = rig.mount->status();
+  CHECK(st["complete"] == true);
+  CHECK(st["fill"]["state"] == "complete");
+  const auto fetched = st["fetched_bytes"].get<uint64_t>();
+  CHECK(fetched == st["total_bytes"].get<uint64_t>());
+  // Byte-identical, and reading them fetches nothing more.
+  for (const auto& f : rig.catalog.files()) {
+    auto expected = source_bytes(f.path, 0, f.size.value_or(kAppendSize));
+    if (f.has_build_id)
+      std::memcpy(expected.data(),
+                  "\x7f"
+                  "ELF",
+                  4);
+    CHECK(read_file(rig.at(f.path)) == expected);
+  }
+  CHECK(rig.mount->status()["fetched_bytes"].get<uint64_t>() == fetched);
+}
+
+TEST_CASE("a fill stopped by its source makes status --wait fail with the reason",
+          "[mount][fill][sftp]") {
+  SshServer sshd;
+  Rig rig;
+  rig.start("sftp://root@127.0.0.1:" + std::to_string(sshd.port()) + rig.source.string(),
+            {"--identity", sshd.user_key().string(), "--known-hosts", sshd.known_hosts().string(),
+             "--fill-rate", "4M", "--timeout", "2"});
+  REQUIRE(present(rig.mount->status()) < rig.catalog.total_bytes());
+  std::this_thread::sleep_for(1s);
+  sshd.stop();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = run_lazyfs({"status", "--wait", rig.mnt.string()});
+  CHECK(r.status == 1);
+  CHECK_THAT(r.err, Catch::Contains("fill stopped") && Catch::Contains("127.0.0.1"));
+  CHECK(std::chrono::steady_clock::now() - t0 < 60s);
+  CHECK(rig.mount->status()["fill"]["state"] == "failed");
+}
+
+TEST_CASE("after a restart the fill continues without fetching again", "[mount][fill]") {
+  Rig rig;
+  rig.start_file({"--fill-rate", "8M"});
+  std::this_thread::sleep_for(1200ms);
+  const uint64_t before = present(rig.mount->status());
+  REQUIRE(rig.mount->stop());
+  REQUIRE(before > 0);
+  rig.start_file({"--fill"});
+  REQUIRE(run_lazyfs({"status", "--wait", rig.mnt.string()}).status == 0);
+  auto st = rig.mount->status();
+  // What the first daemon fetched (and flushed at unmount) is not fetched again.
+  CHECK(st["fetched_bytes"].get<uint64_t>() + before <= st["total_bytes"].get<uint64_t>() + kBlock);
+  CHECK(read_file(rig.at(kBig)) == source_bytes(kBig, 0, 16 << 20));
+}
+
+TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", "[mount][trace]") {
+  Rig rig;
+  const auto trace = rig.dir.path() / "app.trace";
+  rig.start_file({"--record-trace", trace.string()});
+  std::vector<std::pair<std::string, uint64_t>> reads{
+      {kBig, 0},
+      {kBig, 3 * kBlock + 5},
+      {kBig, 100 * kBlock},
+      {"/srv/lazyfs-fixture-a/state/counter.db", 0}};
+  auto read_all = [&] {
+    for (const auto& [path, off] : reads) {
+      int fd = ::open(rig.at(path).c_str(), O_RDONLY);
+      REQUIRE(fd >= 0);
+      ::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+      char buf[100];
+      REQUIRE(::pread(fd, buf, sizeof buf, static_cast<off_t>(off)) == 100);
+      ::close(fd);
+    }
+  };
+  read_all();
+  const auto misses_first = rig.mount->status()["demand_misses"].get<uint64_t>();
+  CHECK(misses_first >= reads.size());
+  REQUIRE(rig.mount->stop());  // writes the trace
+  auto records = read_trace(trace);
+  REQUIRE(records.size() == 4);
+  CHECK(records[0].path == kBig);
+  CHECK(records[0].offset == 0);
+
+  // Next migration: a cold cache, the trace prefetched.
+  std::filesystem::remove_all(rig.cache);
+  rig.start_file({"--prefetch", trace.string()});
+  for (int i = 0; i < 200 && rig.mount->status()["inflight"].get<uint64_t>() > 0; ++i) {
+    std::this_thread::sleep_for(20ms);
+  }
+  read_all();
+  auto st = rig.mount->status();
+  CHECK(st["demand_misses"] == 0);
+  CHECK(st["prefetch"]["records"] == 4);
+}
+
+TEST_CASE("prefetch: a malformed trace is refused with its line; unknown files are skipped",
+          "[mount][trace]") {
+  Rig rig;
+  const auto trace = rig.dir.path() / "bad.trace";
+  std::ofstream(trace) << "lazyfs-trace 1\n0 4096 /srv/lazyfs-fixture-a/data/big.bin\nbogus\n";
+  std::filesystem::create_directories(rig.mnt);
+  auto r = run_lazyfs({"mount", "--cache-dir", rig.cache.string(), "--prefetch", trace.string(),
+                       rig.mnt.string(), rig.images.string(), "file://" + rig.source.string()});
+  CHECK(r.status == 2);
+  CHECK_THAT(r.err, Catch::Contains("bad.trace:3:"));
+  std::ofstream(trace) << "lazyfs-trace 1\n0 4096 /not/in/the/checkpoint\n0 4096 " << kBig << "\n";
+  rig.start_file({"--prefetch", trace.string()});
+  auto st = rig.mount->status();
+  CHECK(st["prefetch"]["skipped"] == 1);
+  CHECK(st["prefetch"]["records"] == 1);
+}

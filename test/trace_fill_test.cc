@@ -1,0 +1,183 @@
+// Access traces (format, recorder) and the background fill against the fake
+// source: completion, failure, resumption, and readers served ahead of it.
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <thread>
+
+#include "fake_source.h"
+#include "lazyfs/engine.h"
+#include "lazyfs/fill.h"
+#include "lazyfs/trace.h"
+#include "test_util.h"
+
+using namespace lazyfs;
+using namespace std::chrono_literals;
+using lazyfs::test::FakeSource;
+using lazyfs::test::ScratchDir;
+
+namespace {
+
+constexpr uint64_t kBlock = 64 << 10;
+
+void write_text(const std::filesystem::path& file, const std::string& text) {
+  std::ofstream(file) << text;
+}
+
+// Polls `pred` for up to `limit`.
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit = 20s) {
+  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < limit;) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(5ms);
+  }
+  return pred();
+}
+
+struct FillRig {
+  ScratchDir dir{"fill"};
+  std::shared_ptr<FakeSource> source;
+  std::unique_ptr<BlockCache> cache;
+  std::unique_ptr<FetchEngine> engine;
+  std::vector<FetchEngine::FileId> ids;
+
+  explicit FillRig(unsigned workers = 3) : source(std::make_shared<FakeSource>(workers)) {
+    Status st;
+    cache = BlockCache::open(dir.path() / "cache", "ckpt", st);
+    REQUIRE(st.ok());
+    start(workers);
+  }
+  void start(unsigned workers) {
+    EngineOptions o;
+    o.block_size = kBlock;
+    o.max_request = 4 * kBlock;
+    o.retry_budget = 300ms;
+    o.retry_initial = 10ms;
+    engine = std::make_unique<FetchEngine>(source, *cache, o);
+    ids.clear();
+    for (int i = 0; i < 6; ++i) {
+      const auto path = "/f" + std::to_string(i);
+      const uint64_t size = i < 3 ? 1000 * static_cast<uint64_t>(i + 1) : 40 * kBlock;
+      source->add(path, size);
+      ids.push_back(engine->add_file(path, size, S_IFREG | 0644));
+    }
+    (void)workers;
+  }
+  uint64_t present() {
+    uint64_t n = 0;
+    for (const auto& f : engine->file_stats()) n += f.present_bytes;
+    return n;
+  }
+  uint64_t total() { return 3 * 1000 + 3000 + 3 * 40 * kBlock; }
+};
+
+}  // namespace
+
+TEST_CASE("traces: recorded in order, one record per run of blocks, read back", "[trace]") {
+  ScratchDir dir("trace");
+  const auto file = dir.path() / "t.trace";
+  TraceRecorder rec(file, 60s, 4096);
+  rec.record("/a b/c", 0, 10000);    // blocks 0-2
+  rec.record("/a b/c", 12288, 100);  // block 3: joins the run
+  rec.record("/x", 8192, 1);         // block 2 of another file
+  rec.record("/a b/c", 0, 4096);     // already seen
+  std::string error;
+  REQUIRE(rec.finish(error));
+  auto records = read_trace(file);
+  REQUIRE(records.size() == 2);
+  CHECK(records[0].path == "/a b/c");
+  CHECK(records[0].offset == 0);
+  CHECK(records[0].length == 4 * 4096);
+  CHECK(records[1].path == "/x");
+  CHECK(records[1].offset == 8192);
+  rec.record("/late", 0, 1);  // after finish: ignored
+  CHECK(read_trace(file).size() == 2);
+}
+
+TEST_CASE("traces: a malformed trace is an error naming the line", "[trace]") {
+  ScratchDir dir("badtrace");
+  const auto file = dir.path() / "t.trace";
+  write_text(file, "lazyfs-trace 1\n0 4096 /ok\n# comment\n12 x /bad\n");
+  CHECK_THROWS_WITH(read_trace(file), Catch::Contains("t.trace:4: ") && Catch::Contains("length"));
+  write_text(file, "something else\n");
+  CHECK_THROWS_WITH(read_trace(file), Catch::Contains(":1: not a lazyfs trace"));
+  write_text(file, "lazyfs-trace 1\n0 10 relative/path\n");
+  CHECK_THROWS_WITH(read_trace(file), Catch::Contains(":2: bad path"));
+  write_text(file, "lazyfs-trace 1\n18446744073709551615 10 /a\n");
+  CHECK_THROWS_WITH(read_trace(file), Catch::Contains(":2: offset + length overflows"));
+  CHECK_THROWS_WITH(read_trace(dir.path() / "missing"), Catch::Contains("cannot read"));
+}
+
+TEST_CASE("fill: every byte of every file ends up present", "[fill]") {
+  FillRig rig;
+  BackgroundFill fill(*rig.engine, {});
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kComplete);
+  CHECK(rig.present() == rig.total());
+  // Small files went first, each in one request.
+  auto calls = rig.source->calls();
+  REQUIRE(calls.size() >= 3);
+  for (int i = 0; i < 3; ++i) CHECK(calls[static_cast<size_t>(i)].path == "/f" + std::to_string(i));
+}
+
+TEST_CASE("fill: readers are served ahead of it", "[fill]") {
+  FillRig rig(2);  // two workers: the fill keeps at most one request in flight
+  rig.source->close_gate();
+  BackgroundFill fill(*rig.engine, {});
+  // The fill's first request waits at the gate; a reader comes.
+  REQUIRE(eventually([&] { return rig.source->calls().size() >= 1; }));
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  rig.engine->request(rig.ids[5], 20 * kBlock, 100, Priority::kDemand, [&](const Status& st) {
+    CHECK(st.ok());
+    std::lock_guard lock(m);
+    done = true;
+    cv.notify_all();
+  });
+  rig.source->wait_for_calls(2);
+  rig.source->open_gate();
+  {
+    std::unique_lock lock(m);
+    REQUIRE(cv.wait_for(lock, 20s, [&] { return done; }));
+  }
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  auto calls = rig.source->calls();
+  // The reader's block was the second request the source saw: ahead of every
+  // fill request but the one already running.
+  CHECK(calls[1].path == "/f5");
+  CHECK(calls[1].offset == 20 * kBlock);
+  CHECK(calls[1].length == kBlock);
+  CHECK(calls[0].path == "/f0");  // small files first
+}
+
+TEST_CASE("fill: a source that fails stops it with the reason", "[fill]") {
+  FillRig rig;
+  rig.source->fail_next(1000000, Status::transient(ECONNREFUSED, "source is down"));
+  BackgroundFill fill(*rig.engine, {});
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kFailed);
+  CHECK_THAT(fill.progress().error, Catch::Contains("source is down"));
+}
+
+TEST_CASE("fill: resumes after a restart without fetching again", "[fill]") {
+  FillRig rig;
+  {
+    FillOptions slow;
+    slow.rate = 2 * 1024 * 1024;  // about a quarter of the data per second
+    BackgroundFill fill(*rig.engine, slow);
+    REQUIRE(eventually([&] { return rig.present() > rig.total() / 4; }));
+  }  // stopped part way
+  const uint64_t before = rig.present();
+  REQUIRE(before < rig.total());
+  rig.engine.reset();  // flushes the maps
+  rig.cache.reset();
+  Status st;
+  rig.cache = BlockCache::open(rig.dir.path() / "cache", "ckpt", st);
+  REQUIRE(st.ok());
+  rig.start(3);
+  BackgroundFill fill(*rig.engine, {});
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kComplete);
+  CHECK(rig.present() == rig.total());
+  CHECK(rig.engine->stats().fetched_bytes == rig.total() - before);
+}
