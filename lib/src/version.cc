@@ -1,0 +1,9 @@
+#include "lazyfs/lazyfs.h"
+
+namespace lazyfs {
+
+const char* version() {
+  return LAZYFS_VERSION;
+}
+
+}  // namespace lazyfs
