@@ -4,6 +4,8 @@
 // reverse.
 #include "lazyfs/filesystem.h"
 
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
@@ -112,6 +114,25 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
   return j.dump();
 }
 
+// Wakes a thread blocked in fuse_session_loop_mt after fuse_session_exit:
+// libfuse's loop waits on a semaphore, which a signal interrupts; it then
+// sees the session exited and cancels its workers. SIGUSR2 gets a no-op
+// handler unless the program already handles or ignores it.
+constexpr int kWakeSignal = SIGUSR2;
+
+void install_wake_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction old {};
+    ::sigaction(kWakeSignal, nullptr, &old);
+    if (old.sa_handler != SIG_DFL) return;
+    struct sigaction sa {};
+    sa.sa_handler = [](int) {};
+    ::sigemptyset(&sa.sa_mask);
+    ::sigaction(kWakeSignal, &sa, nullptr);
+  });
+}
+
 }  // namespace
 
 struct Filesystem::Impl {
@@ -134,10 +155,13 @@ struct Filesystem::Impl {
   std::thread server;  // a background serve()
   bool signals = false;
 
+  pthread_t serving_thread{};  // guarded by mutex while serving
+
   std::mutex mutex;  // guards the fields below and the unmount
   std::condition_variable cv;
   bool mounted = false;
   bool stopping = false;
+  bool serving = false;
 
   void start_extras();
   void unmount();
@@ -294,6 +318,12 @@ void Filesystem::Impl::unmount() {
 int Filesystem::serve() {
   auto& m = *impl_;
   if (!m.se) return -EINVAL;
+  install_wake_handler();
+  {
+    std::lock_guard lock(m.mutex);
+    m.serving = true;
+    m.serving_thread = ::pthread_self();
+  }
   fuse_loop_config* config = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(config, 16);
   fuse_loop_cfg_set_idle_threads(config, 4);
@@ -301,6 +331,11 @@ int Filesystem::serve() {
   fuse_loop_cfg_destroy(config);
   if (rc > 0) log::info("mount", "signal={} mountpoint={}", rc, m.mountpoint.string());
   m.unmount();
+  {
+    std::lock_guard lock(m.mutex);
+    m.serving = false;
+    m.cv.notify_all();
+  }
   return rc;
 }
 
@@ -316,8 +351,16 @@ void Filesystem::stop() {
   auto& m = *impl_;
   if (!m.se) return;
   fuse_session_exit(m.se);
-  // Unmounting ends the kernel's connection, which ends the serving loop.
-  m.unmount();
+  {
+    // Wake the serving loop until it has seen the exit (a signal that comes
+    // before it waits is lost, so keep knocking).
+    std::unique_lock lock(m.mutex);
+    while (m.serving) {
+      ::pthread_kill(m.serving_thread, kWakeSignal);
+      m.cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !m.serving; });
+    }
+  }
+  m.unmount();  // if serve() never ran
   if (m.server.joinable()) m.server.join();
 }
 

@@ -1,0 +1,104 @@
+// liblazyfs as an embedder uses it: two file systems in one process, each
+// served on a background thread and stopped cleanly (also with a file still
+// open), lazy reads without a mount, and logging through a callback.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <mutex>
+
+#include "lazyfs/filesystem.h"
+#include "lazyfs/lazyfs.h"
+#include "mount_fixture.h"
+#include "test_util.h"
+
+using namespace lazyfs;
+using namespace lazyfs::test;
+
+namespace {
+
+const std::string kBig = "/srv/lazyfs-fixture-a/data/big.bin";
+
+struct LibRig {
+  ScratchDir dir{"lib"};
+  Catalog catalog;
+  std::shared_ptr<Source> source;
+  LibRig() : catalog(load()) {
+    populate_source(catalog, dir.path() / "source");
+    Status st;
+    source = open_source("file://" + (dir.path() / "source").string(), {}, st);
+    REQUIRE(st.ok());
+  }
+  Catalog load() {
+    copy_fixture(dir.path() / "images");
+    return Catalog::load(dir.path() / "images");
+  }
+  std::unique_ptr<Filesystem> mounted(const std::string& name) {
+    FilesystemOptions o;
+    o.cache_dir = dir.path() / ("cache-" + name);
+    o.control_socket = false;
+    Status st;
+    auto fs = Filesystem::create(catalog, source, o, st);
+    REQUIRE(fs);
+    const auto mnt = dir.path() / ("mnt-" + name);
+    std::filesystem::create_directories(mnt);
+    REQUIRE(fs->mount(mnt).ok());
+    REQUIRE(fs->start().ok());
+    return fs;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("library: two file systems in one process, started and stopped", "[library]") {
+  LibRig rig;
+  auto a = rig.mounted("a");
+  auto b = rig.mounted("b");
+  CHECK(read_file(a->mountpoint().string() + kBig) == source_bytes(kBig, 0, 16 << 20));
+  CHECK(read_file(b->mountpoint().string() + kBig) == source_bytes(kBig, 0, 16 << 20));
+  // One keeps a file open while it is stopped: the stop still ends.
+  int fd = ::open((b->mountpoint().string() + kBig).c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  a->stop();
+  b->stop();
+  ::close(fd);
+  CHECK_FALSE(is_mounted(a->mountpoint()));
+  CHECK_FALSE(is_mounted(b->mountpoint()));
+  CHECK(nlohmann::json::parse(a->status_json())["fetched_bytes"] == 16u << 20);
+}
+
+TEST_CASE("library: lazy reads without a mount, errors as Status, logs to a callback",
+          "[library]") {
+  LibRig rig;
+  std::mutex m;
+  std::vector<std::string> lines;
+  log::set_sink([&](log::Level, std::string_view sys, std::string_view msg) {
+    std::lock_guard lock(m);
+    lines.push_back(std::string(sys) + ": " + std::string(msg));
+  });
+  ReaderOptions o;
+  o.cache_dir = rig.dir.path() / "reader-cache";
+  Status st;
+  auto reader = LazyReader::open(rig.catalog, rig.source, o, st);
+  REQUIRE(reader);
+  std::vector<std::byte> buf(1000);
+  size_t got = 0;
+  REQUIRE(reader->read(kBig, 5 << 20, buf, got).ok());
+  CHECK(got == 1000);
+  CHECK(std::memcmp(buf.data(), source_bytes(kBig, 5 << 20, 1000).data(), 1000) == 0);
+  CHECK(reader->engine().stats().fetched_bytes == 128u << 10);
+  REQUIRE(reader->read(kBig, (16 << 20) - 10, buf, got).ok());
+  CHECK(got == 10);  // short at the end of the file
+  auto missing = reader->read("/no/such/file", 0, buf, got);
+  CHECK(missing.errnum() == ENOENT);
+  // A file missing on the source is reported, and logged through the sink.
+  std::filesystem::remove(rig.dir.path().string() +
+                          "/source/srv/lazyfs-fixture-a/state/counter.db");
+  auto gone = reader->read("/srv/lazyfs-fixture-a/state/counter.db", 0, buf, got);
+  CHECK(gone.errnum() == EIO);
+  log::set_sink({});
+  std::lock_guard lock(m);
+  CHECK(std::any_of(lines.begin(), lines.end(), [](const std::string& l) {
+    return l.find("counter.db") != std::string::npos;
+  }));
+}
