@@ -21,8 +21,17 @@ chmod -R u+w "$work/images"
 "$build/bin/lazyfs-make-source" "$work/images" "$work/source" >/dev/null
 file=/srv/lazyfs-fixture-a/data/big.bin
 
+# The example in docs/library.md is what gets built: it must be consumer.cc.
+mkdir -p "$work/example"
+awk '/^```cpp$/ {on = 1; next} /^```$/ {on = 0} on' "$top/docs/library.md" >"$work/example/consumer.cc"
+if ! diff -q "$work/example/consumer.cc" "$here/consumer.cc" >/dev/null; then
+  echo "check-install: docs/library.md's example differs from test/install/consumer.cc" >&2
+  exit 1
+fi
+cp "$here/CMakeLists.txt" "$work/example/"
+
 echo "== find_package consumer"
-cmake -S "$here" -B "$work/cmake-build" -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
+cmake -S "$work/example" -B "$work/cmake-build" -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
 cmake --build "$work/cmake-build" >/dev/null
 mount_args=()
 if [[ -w /dev/fuse && $EUID == 0 ]]; then
@@ -35,7 +44,7 @@ LD_LIBRARY_PATH="$work/prefix/lib" "$work/cmake-build/consumer" "$work/images" \
 echo "== pkg-config consumer"
 export PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig"
 # shellcheck disable=SC2046
-g++ -o "$work/consumer-pc" "$here/consumer.cc" $(pkg-config --cflags --libs lazyfs lazyfs-fuse)
+g++ -o "$work/consumer-pc" "$work/example/consumer.cc" $(pkg-config --cflags --libs lazyfs lazyfs-fuse)
 LD_LIBRARY_PATH="$work/prefix/lib" "$work/consumer-pc" "$work/images" "file://$work/source" \
   "$work/cache2" "$file"
 echo "== installed lazyfs works for consumers"
