@@ -18,6 +18,7 @@
 #include "control.h"
 #include "fuse_fs.h"
 #include "lazyfs/fill.h"
+#include "lazyfs/http_source.h"
 #include "lazyfs/log.h"
 
 namespace lazyfs::cli {
@@ -38,6 +39,13 @@ std::filesystem::path default_cache_dir() {
 std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& options,
                                     Status& status) {
   if (uri.rfind("file://", 0) == 0) return make_local_source(uri.substr(7), status);
+  if (uri.rfind("http://", 0) == 0 || uri.rfind("https://", 0) == 0) {
+    HttpOptions http;
+    http.base_url = uri;
+    http.connections = options.connections;
+    http.stall_timeout = options.stall_timeout;
+    return make_http_source(http, status);
+  }
   SftpOptions sftp;
   std::string error;
   if (!parse_sftp_uri(uri, sftp, error)) {

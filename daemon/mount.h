@@ -22,7 +22,7 @@ namespace lazyfs::cli {
 struct MountOptions {
   std::filesystem::path mountpoint;
   std::filesystem::path image_dir;
-  std::string source;               // [USER@]HOST, sftp://..., file:///DIR
+  std::string source;               // [USER@]HOST, sftp://..., http(s)://..., file:///DIR
   std::filesystem::path cache_dir;  // empty: the default for this user
   uint64_t block_size = EngineOptions{}.block_size;
   unsigned connections = 4;
@@ -48,7 +48,8 @@ struct MountOptions {
 // $XDG_CACHE_HOME/lazyfs or ~/.cache/lazyfs.
 std::filesystem::path default_cache_dir();
 
-// Makes the source named by `uri` (file:///DIR, sftp://..., [USER@]HOST).
+// Makes the source named by `uri` (file:///DIR, sftp://..., [USER@]HOST,
+// http://... or https://...).
 std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& options,
                                     Status& status);
 
