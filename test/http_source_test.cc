@@ -92,7 +92,7 @@ std::vector<uint8_t> expected_slice(const std::vector<uint8_t>& file, uint64_t o
 
 }  // namespace
 
-TEST_CASE("HTTP: random ranges of a 32 MiB file are byte-identical, also at and past EOF",
+TEST_CASE("http source: ranges of a 32 MiB file are byte-identical, also at and past EOF",
           "[http]") {
   HttpServer server;
   const auto file = make_random_file(server.docroot() / "ckpt/data/big.bin", 32 * kMiB, 1);
@@ -140,8 +140,7 @@ TEST_CASE("HTTP: random ranges of a 32 MiB file are byte-identical, also at and 
   CHECK(source->counters().bytes_read.load() > 0);
 }
 
-TEST_CASE("HTTP: stat gives the size and Last-Modified as mtime; 404 and 403 are permanent",
-          "[http]") {
+TEST_CASE("http source: stat gives size and mtime, 404 and 403 are permanent", "[http]") {
   HttpServer server;
   const auto file = server.docroot() / "f.bin";
   make_random_file(file, 123457, 3);
@@ -195,7 +194,7 @@ TEST_CASE("HTTP: stat gives the size and Last-Modified as mtime; 404 and 403 are
   CHECK(std::all_of(answers.begin(), answers.end(), [](int n) { return n == 1; }));
 }
 
-TEST_CASE("HTTP: 200 reads from 4 threads keep to 4 keep-alive connections", "[http]") {
+TEST_CASE("http source: 200 reads from 4 threads keep to 4 keep-alive connections", "[http]") {
   HttpServer server;
   const auto file = make_random_file(server.docroot() / "big.bin", 8 * kMiB, 5);
   auto o = options_for(server.url());
@@ -225,7 +224,8 @@ TEST_CASE("HTTP: 200 reads from 4 threads keep to 4 keep-alive connections", "[h
   CHECK(source->state() == SourceState::kConnected);
 }
 
-TEST_CASE("HTTP: a server that ignores Range is refused before it sends the file", "[http]") {
+TEST_CASE("http source: a server that ignores Range is refused before it sends the file",
+          "[http]") {
   HttpServer server;
   const auto big = make_random_file(server.docroot() / "big.bin", 32 * kMiB, 6);
   const auto small = make_random_file(server.docroot() / "small.bin", 5000, 7);
@@ -260,7 +260,7 @@ TEST_CASE("HTTP: a server that ignores Range is refused before it sends the file
   CHECK(r.status.errnum() == EOPNOTSUPP);
 }
 
-TEST_CASE("HTTP: a file changed on the server after stat is refused", "[http]") {
+TEST_CASE("http source: a file changed on the server after stat is refused", "[http]") {
   HttpServer server;
   const auto path = server.docroot() / "f.bin";
   const auto first = make_random_file(path, 2 * kMiB, 8);
@@ -289,7 +289,7 @@ TEST_CASE("HTTP: a file changed on the server after stat is refused", "[http]") 
   CHECK(read_range(*fresh, "/f.bin", 0, 10).status.ok());
 }
 
-TEST_CASE("HTTP: a stopped server fails fast and transiently; started again, reads recover",
+TEST_CASE("http source: a stopped server fails fast and transiently, then reads recover",
           "[http]") {
   HttpServer server;
   const auto file = make_random_file(server.docroot() / "f.bin", 4 * kMiB, 10);
@@ -314,7 +314,7 @@ TEST_CASE("HTTP: a stopped server fails fast and transiently; started again, rea
   CHECK(source->state() == SourceState::kConnected);
 }
 
-TEST_CASE("HTTP: a hung server fails within the stall time-out, then recovers", "[http]") {
+TEST_CASE("http source: a hung server fails within the stall time-out, then recovers", "[http]") {
   HttpServer server;
   const auto file = make_random_file(server.docroot() / "f.bin", 4 * kMiB, 11);
   auto source = connect(options_for(server.url()));
@@ -336,7 +336,7 @@ TEST_CASE("HTTP: a hung server fails within the stall time-out, then recovers", 
   CHECK(r.data == expected_slice(file, kMiB, 4096));
 }
 
-TEST_CASE("HTTP: a throwing sink leaves the source usable", "[http]") {
+TEST_CASE("http source: a throwing sink leaves the source usable", "[http]") {
   HttpServer server;
   const auto file = make_random_file(server.docroot() / "f.bin", 4 * kMiB, 12);
   auto o = options_for(server.url());
@@ -352,7 +352,7 @@ TEST_CASE("HTTP: a throwing sink leaves the source usable", "[http]") {
   CHECK(r.data == expected_slice(file, 100, 100));
 }
 
-TEST_CASE("HTTP: bad URLs and an unreachable server are reported at start", "[http]") {
+TEST_CASE("http source: bad URLs and an unreachable server are reported at start", "[http]") {
   Status st;
   for (const char* bad : {"ftp://127.0.0.1/x", "http://", "http://127.0.0.1/x?y=1", "not a url"}) {
     INFO(bad);
@@ -372,7 +372,7 @@ TEST_CASE("HTTP: bad URLs and an unreachable server are reported at start", "[ht
   CHECK_THAT(st.message(), Catch::Contains(server.url()) && Catch::Contains("refused"));
 }
 
-TEST_CASE("HTTPS: a self-signed server is trusted through its CA file only", "[http]") {
+TEST_CASE("https source: a self-signed server is trusted through its CA file only", "[http]") {
   HttpServer server(/*tls=*/true);
   const auto file = make_random_file(server.docroot() / "f.bin", 3 * kMiB, 13);
 

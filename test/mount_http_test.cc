@@ -53,7 +53,7 @@ std::vector<uint8_t> pread_bytes(int fd, uint64_t off, size_t len, int& err) {
 
 }  // namespace
 
-TEST_CASE("over HTTP every served file reads byte-identical", "[mount][http]") {
+TEST_CASE("http mount: every served file reads byte-identical", "[mount][http]") {
   HttpRig rig;
   for (const auto& f : rig.catalog.files()) {
     INFO(f.path);
@@ -86,7 +86,7 @@ TEST_CASE("over HTTP every served file reads byte-identical", "[mount][http]") {
   CHECK(rig.mount->stop());
 }
 
-TEST_CASE("over HTTP the mount outlives its server: EIO after the budget, then recovery",
+TEST_CASE("http mount: the mount outlives its server, EIO after the budget, then recovery",
           "[mount][http]") {
   HttpRig rig({"--timeout", "3"});
   int fd = ::open(rig.at(kBig).c_str(), O_RDONLY);
@@ -109,7 +109,7 @@ TEST_CASE("over HTTP the mount outlives its server: EIO after the budget, then r
   ::close(fd);
 }
 
-TEST_CASE("mounting from an unreachable HTTP server fails clearly", "[mount][http]") {
+TEST_CASE("http mount: an unreachable server fails the mount clearly", "[mount][http]") {
   HttpServer nginx;
   ScratchDir dir("httpbad");
   copy_fixture(dir.path() / "images");

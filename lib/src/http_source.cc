@@ -279,6 +279,7 @@ bool Transfer::header_line(std::string_view line) {
 }
 
 bool Transfer::end_of_headers() {
+  if (final) return true;            // trailers after a chunked body
   if (resp.code < 200) return true;  // 100 Continue and the like: the answer follows
   if (resp.code >= 300 && resp.code < 400 && resp.location) return true;  // curl follows it
   final = true;
@@ -334,7 +335,12 @@ bool Transfer::check_whole() {
         fmt::format("size {} at the first stat, now {}", *expect->size, *resp.content_length));
     return false;
   }
-  if (offset == 0 && resp.content_length && *resp.content_length <= length) {
+  // Taken only with the validators the stat saw: an answer without them
+  // cannot show that the file is still the same.
+  const bool same =
+      !expect || ((expect->etag.empty() || resp.etag == expect->etag) &&
+                  (expect->last_modified.empty() || resp.last_modified == expect->last_modified));
+  if (same && offset == 0 && resp.content_length && *resp.content_length <= length) {
     accepted = true;
     body_bytes = *resp.content_length;
     return true;
@@ -682,7 +688,11 @@ class HttpSource final : public Source {
         }
         Transfer t;
         t.path = "/";
-        (void)perform_on(*c, t, s_.origin + s_.prefix + "/", nullptr);
+        try {
+          (void)perform_on(*c, t, s_.origin + s_.prefix + "/", nullptr);
+        } catch (const std::exception& e) {
+          log::warn(kLog, "warm-up failed reason=\"{}\"", e.what());
+        }
         checkin(std::move(c));
       });
     }
