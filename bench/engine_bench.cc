@@ -1,5 +1,5 @@
-// lazyfs-engine-bench: the fetch engine alone (no FUSE) against an SFTP or
-// file:// source. Measures a cold sequential fetch of a whole file, the same
+// lazyfs-engine-bench: the fetch engine alone (no FUSE) against an SFTP,
+// HTTP(S) or file:// source. Measures a cold sequential fetch of a whole file, the same
 // file read sequentially in 1 MiB requests (as the kernel asks through FUSE),
 // and random 4 KiB reads (source requests and bytes against blocks touched),
 // for one or more block sizes. bench/engine-bench.sh runs it against a
@@ -18,6 +18,7 @@
 
 #include "lazyfs/cache.h"
 #include "lazyfs/engine.h"
+#include "lazyfs/http_source.h"
 #include "lazyfs/log.h"
 #include "lazyfs/sftp_source.h"
 #include "lazyfs/source.h"
@@ -28,7 +29,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 struct Args {
-  std::string source;  // sftp://... or file:///DIR
+  std::string source;  // sftp://..., http(s)://... or file:///DIR
   std::string path;    // the file, as an image path (read at ROOT + path)
   std::string identity;
   std::string known_hosts;
@@ -85,6 +86,11 @@ std::shared_ptr<Source> open_source(const Args& a) {
   std::unique_ptr<Source> s;
   if (a.source.rfind("file://", 0) == 0) {
     s = make_local_source(a.source.substr(7), st);
+  } else if (a.source.rfind("http://", 0) == 0 || a.source.rfind("https://", 0) == 0) {
+    HttpOptions o;
+    o.base_url = a.source;
+    o.connections = a.connections;
+    s = make_http_source(o, st);
   } else {
     SftpOptions o;
     std::string err;
@@ -189,13 +195,15 @@ nlohmann::json bench_block_size(const Args& a, const std::shared_ptr<Source>& so
 int main(int argc, char** argv) {
   Args a;
   CLI::App app{"lazyfs-engine-bench: the fetch engine against a source, without FUSE"};
-  app.add_option("--source", a.source, "sftp://USER@HOST:PORT/ROOT or file:///DIR")->required();
+  app.add_option("--source", a.source,
+                 "sftp://USER@HOST:PORT/ROOT, http(s)://HOST:PORT/PREFIX or file:///DIR")
+      ->required();
   app.add_option("--path", a.path, "File to read (image path; read at ROOT + path)")->required();
   app.add_option("--identity", a.identity, "SSH private key");
   app.add_option("--known-hosts", a.known_hosts, "known_hosts file");
   app.add_option("--cache-dir", a.cache_dir, "Scratch cache directory (emptied)");
   app.add_option("--block-size", a.block_sizes, "Block sizes to measure (repeatable)");
-  app.add_option("--connections", a.connections, "SSH connections");
+  app.add_option("--connections", a.connections, "Connections to the source");
   app.add_option("--random-reads", a.random_reads, "Random 4 KiB reads");
   app.add_option("--concurrency", a.concurrency, "Random reads in flight");
   app.add_option("--curl-seconds", a.curl_seconds,

@@ -204,18 +204,25 @@ Runner add_mount_command(CLI::App& app) {
       ->required();
   cmd->add_option("IMGDIR", o.image_dir, "CRIU image directory (criu dump -D)")->required();
   cmd->add_option("SOURCE", o.source,
-                  "Where the files are: [USER@]HOST, sftp://[USER@]HOST[:PORT][/ROOT] or "
-                  "file:///DIR (file P is read at ROOT + P)")
+                  "Where the files are: [USER@]HOST, sftp://[USER@]HOST[:PORT][/ROOT], "
+                  "http(s)://HOST[:PORT][/ROOT] (ranged GETs) or file:///DIR (file P is read at "
+                  "ROOT + P)")
       ->required();
   cmd->add_option(
       "--cache-dir", o.cache_dir,
       "Cache directory (default $LAZYFS_CACHE_DIR, else /var/cache/lazyfs for root, else "
       "~/.cache/lazyfs)");
   cmd->add_option("--block-size", cli->block_size, "Fetch unit, a power of two (default 128K)");
-  cmd->add_option("--connections", o.connections, "SSH connections to the source (default 4)");
+  cmd->add_option(
+      "--connections", o.connections,
+      "Connections to the source: SSH sessions or HTTP keep-alive connections (default 4)");
   cmd->add_option("--identity", o.identity_files, "SSH private key file (repeatable)");
   cmd->add_option("--known-hosts", o.known_hosts,
                   "known_hosts file to check the host key against (default ~/.ssh/known_hosts)");
+  cmd->add_option("--ca-file", o.ca_file,
+                  "https: trust the certificate authorities in this PEM file instead of the "
+                  "system's")
+      ->check(CLI::ExistingFile);
   cmd->add_flag("--accept-new-host-key", o.accept_new_host_key,
                 "Add an unknown host's key to known_hosts (a changed key is still refused)");
   cmd->add_flag("--insecure-no-host-key-check", o.insecure_no_host_key_check,

@@ -35,6 +35,7 @@ std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& 
   so.connections = options.connections;
   so.identity_files = options.identity_files;
   so.known_hosts = options.known_hosts;
+  so.ca_file = options.ca_file;
   so.host_key_policy = options.insecure_no_host_key_check ? HostKeyPolicy::kInsecure
                        : options.accept_new_host_key      ? HostKeyPolicy::kAcceptNew
                                                           : HostKeyPolicy::kStrict;

@@ -22,12 +22,13 @@ namespace lazyfs::cli {
 struct MountOptions {
   std::filesystem::path mountpoint;
   std::filesystem::path image_dir;
-  std::string source;               // [USER@]HOST, sftp://..., file:///DIR
+  std::string source;               // [USER@]HOST, sftp://..., http(s)://..., file:///DIR
   std::filesystem::path cache_dir;  // empty: the default for this user
   uint64_t block_size = EngineOptions{}.block_size;
   unsigned connections = 4;
   std::vector<std::string> identity_files;
   std::string known_hosts;
+  std::string ca_file;  // https: trust these CAs instead of the system's
   bool accept_new_host_key = false;
   bool insecure_no_host_key_check = false;
   std::chrono::milliseconds timeout{30000};  // retry budget of a request
@@ -48,7 +49,8 @@ struct MountOptions {
 // $XDG_CACHE_HOME/lazyfs or ~/.cache/lazyfs.
 std::filesystem::path default_cache_dir();
 
-// Makes the source named by `uri` (file:///DIR, sftp://..., [USER@]HOST).
+// Makes the source named by `uri` (file:///DIR, sftp://..., [USER@]HOST,
+// http://... or https://...).
 std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& options,
                                     Status& status);
 

@@ -10,7 +10,7 @@ packages=(
   libprotobuf-dev protobuf-compiler
   libcurl4-openssl-dev libssh2-1-dev libssl-dev
   libboost-dev libfmt-dev libcli11-dev nlohmann-json3-dev catch2
-  openssh-server openssh-client
+  openssh-server openssh-client nginx
   sshfs rsync gnuplot iproute2
 )
 

@@ -183,7 +183,7 @@ TEST_CASE("demand goes before read-ahead before background", "[engine]") {
   CHECK(calls[4].offset == 40 * kBlock);
 }
 
-TEST_CASE("an error fails every waiter of the failed blocks; a later request tries again",
+TEST_CASE("an error fails every waiter of the failed blocks, a later request tries again",
           "[engine]") {
   Rig rig;
   rig.validate();
@@ -272,7 +272,7 @@ TEST_CASE("a file recorded without a size takes the source's", "[engine]") {
   CHECK(rig.source->calls().at(0).length == 1000);
 }
 
-TEST_CASE("sequential reads grow a read-ahead window; random reads do not", "[engine]") {
+TEST_CASE("sequential reads grow a read-ahead window, random reads do not", "[engine]") {
   Rig rig;
   rig.validate();
   Completions c;
@@ -412,7 +412,7 @@ TEST_CASE("stress: every request completes under concurrent mixed load with fail
   CHECK(rig.engine->stats().inflight == 0);
 }
 
-TEST_CASE("validate_all validates every file in one batch; a missing file is unservable",
+TEST_CASE("validate_all validates every file in one batch, a missing file is unservable",
           "[engine]") {
   Rig rig;
   rig.source->add("/data/g", 10);

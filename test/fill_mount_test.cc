@@ -150,7 +150,7 @@ TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", 
   CHECK(st["prefetch"]["records"] == 4);
 }
 
-TEST_CASE("prefetch: a malformed trace is refused with its line; unknown files are skipped",
+TEST_CASE("prefetch: a malformed trace is refused with its line, unknown files are skipped",
           "[mount][trace]") {
   Rig rig;
   const auto trace = rig.dir.path() / "bad.trace";

@@ -69,7 +69,7 @@ TEST_CASE("prepare moves missing files and directories under the mount point", "
   CHECK(after.find_file("/srv/lazyfs-fixture-a/data/big.bin"));
 }
 
-TEST_CASE("prepare twice changes nothing; other options start from the original; undo restores",
+TEST_CASE("prepare twice changes nothing, other options start from the original, undo restores",
           "[prepare]") {
   ScratchDir dir("prep2");
   test::copy_fixture(dir.path());

@@ -4,11 +4,22 @@
 
 #include <cerrno>
 
+#include "lazyfs/http_source.h"
+
 namespace lazyfs {
 
 std::unique_ptr<Source> open_source(const std::string& uri, const SourceOptions& options,
                                     Status& status) {
   if (uri.rfind("file://", 0) == 0) return make_local_source(uri.substr(7), status);
+  if (uri.rfind("http://", 0) == 0 || uri.rfind("https://", 0) == 0) {
+    HttpOptions http;
+    http.base_url = uri;
+    http.connections = options.connections;
+    http.ca_file = options.ca_file;
+    http.connect_timeout = options.connect_timeout;
+    http.stall_timeout = options.stall_timeout;
+    return make_http_source(http, status);
+  }
   SftpOptions sftp;
   std::string error;
   if (!parse_sftp_uri(uri, sftp, error)) {

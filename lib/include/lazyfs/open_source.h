@@ -1,5 +1,6 @@
 // Sources by URI: what `lazyfs mount SOURCE` accepts, for embedders too.
 //   [USER@]HOST, sftp://[USER@]HOST[:PORT][/ROOT]   SFTP (sftp_source.h)
+//   http(s)://HOST[:PORT][/ROOT]                    ranged GETs (http_source.h)
 //   file:///DIR                                     a local directory
 // An embedder with another store implements Source (source.h) itself.
 #pragma once
@@ -19,6 +20,7 @@ struct SourceOptions {
   std::vector<std::string> identity_files;  // SFTP: empty = agent, then ~/.ssh defaults
   std::string known_hosts;                  // SFTP: empty = ~/.ssh/known_hosts
   HostKeyPolicy host_key_policy = HostKeyPolicy::kStrict;
+  std::string ca_file;  // HTTPS: trust the CAs in this PEM file; empty = the system's
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds stall_timeout{10000};
 };
