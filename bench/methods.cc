@@ -408,6 +408,7 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     sample.lazyfs_cpu_s = usage.cpu_s;
     sample.lazyfs_peak_rss_kib = usage.peak_rss_kib;
     sample.lazyfs_fetched_bytes = st.value("fetched_bytes", uint64_t{0});
+    sample.demand_misses = st.value("demand_misses", uint64_t{0});
   } else {
     throw std::invalid_argument("unknown method " + method);
   }

@@ -60,6 +60,10 @@ struct Sample {
   std::optional<double> lazyfs_cpu_s;
   std::optional<uint64_t> lazyfs_peak_rss_kib;
   std::optional<uint64_t> lazyfs_fetched_bytes;  // payload, from `lazyfs status`
+  // lazyfs methods: demand reads that waited for a fetch, after the workload.
+  std::optional<uint64_t> demand_misses;
+  // lazyfs+fill: method start until `lazyfs status` said every file is local.
+  std::optional<double> wholly_local_s;
 };
 
 // One cold run. Throws with what failed (and Interrupted).
