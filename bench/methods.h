@@ -6,6 +6,9 @@
 //   eager-rsync  rsync -a over ssh, then run
 //   sshfs        mount the source tree with sshfs, run through it
 //   lazyfs       lazyfs mount + lazyfs prepare, run through the mount
+//   lazyfs+fill  the same with --fill; also times until every byte is local
+//   lazyfs+prefetch  an untimed run with --record-trace first, then the
+//                same with --prefetch of that trace
 //
 // "Run" is the workload reading the scenario's plan, or with --criu a real
 // `criu restore` of a dumped workload. Every run starts cold: page cache
