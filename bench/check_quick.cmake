@@ -1,5 +1,6 @@
 # Runs `lazyfs-bench --quick` and checks that its JSON has a successful
-# result for every method x scenario x link it ran. Timing is not checked.
+# result for every method x scenario x link it ran, with demand_misses and
+# wholly_local_s where they apply. Timing is not checked.
 execute_process(
   COMMAND ${BENCH} --quick --json ${JSON} --work-dir ${WORK_DIR}
   RESULT_VARIABLE rc)
@@ -12,8 +13,8 @@ string(JSON n_methods LENGTH "${doc}" config methods)
 string(JSON n_scenarios LENGTH "${doc}" config scenarios)
 string(JSON n_links LENGTH "${doc}" config links)
 math(EXPR want "${n_methods} * ${n_scenarios} * ${n_links}")
-if(NOT n_methods EQUAL 5 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
-  message(FATAL_ERROR "expected 5 methods x 4 scenarios x ${n_links} links, got ${n_results} "
+if(NOT n_methods EQUAL 7 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
+  message(FATAL_ERROR "expected 7 methods x 4 scenarios x ${n_links} links, got ${n_results} "
                       "results for ${n_methods} methods and ${n_scenarios} scenarios")
 endif()
 math(EXPR last "${n_results} - 1")
@@ -25,6 +26,23 @@ foreach(i RANGE ${last})
   string(JSON where GET "${doc}" results ${i} scenario)
   if(runs LESS 1 OR missing OR missing_bytes OR bytes EQUAL 0)
     message(FATAL_ERROR "no result for ${what} on ${where}")
+  endif()
+  # The lazyfs methods report demand misses; lazyfs+fill also when it was wholly local.
+  string(JSON misses_type TYPE "${doc}" results ${i} demand_misses)
+  string(JSON local_type TYPE "${doc}" results ${i} wholly_local_s)
+  if(what MATCHES "^lazyfs")
+    set(want_misses NUMBER)
+  else()
+    set(want_misses NULL)
+  endif()
+  if(what STREQUAL "lazyfs+fill")
+    set(want_local NUMBER)
+  else()
+    set(want_local NULL)
+  endif()
+  if(NOT misses_type STREQUAL want_misses OR NOT local_type STREQUAL want_local)
+    message(FATAL_ERROR "${what} on ${where}: demand_misses is ${misses_type} (want "
+                        "${want_misses}), wholly_local_s is ${local_type} (want ${want_local})")
   endif()
 endforeach()
 message(STATUS "lazyfs-bench --quick: ${n_results} results")

@@ -373,7 +373,8 @@ int main(int argc, char** argv) {
   app.add_option("--scenario", o.scenarios,
                  "big-sparse, many-small, full-sequential, mmap-random (repeatable; default all)");
   app.add_option("--method", o.methods,
-                 "eager-scp, eager-sftp, eager-rsync, sshfs, lazyfs (repeatable; default all)");
+                 "eager-scp, eager-sftp, eager-rsync, sshfs, lazyfs, lazyfs+fill, "
+                 "lazyfs+prefetch (repeatable; default all)");
   app.add_option("--link", o.links, "loopback, 1g-2ms, 100m-20ms (repeatable; default all)");
   app.add_option("--runs", o.runs, "Cold runs per combination (default 3, --quick 1)")
       ->check(CLI::Range(1, 100))

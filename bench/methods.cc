@@ -8,7 +8,9 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
@@ -187,10 +189,12 @@ ProcUsage read_usage(pid_t pid) {
 
 class LazyfsMount {
  public:
+  // `extra`: further `lazyfs mount` options (--fill, --record-trace, --prefetch).
   LazyfsMount(const fs::path& mountpoint, const fs::path& image_dir, const fs::path& cache_dir,
-              const fs::path& remote_root, const BenchContext& ctx)
+              const fs::path& remote_root, const BenchContext& ctx,
+              const std::vector<std::string>& extra = {})
       : ctx_(ctx), mountpoint_(mountpoint) {
-    const std::vector<std::string> argv{
+    std::vector<std::string> argv{
         (ctx.bin_dir / "lazyfs").string(),
         "mount",
         "--cache-dir",
@@ -202,6 +206,7 @@ class LazyfsMount {
         mountpoint.string(),
         image_dir.string(),
         fmt::format("sftp://root@127.0.0.1:{}{}", ctx.relay->port(), remote_root.string())};
+    argv.insert(argv.begin() + 2, extra.begin(), extra.end());
     if (ctx.verbose) fmt::print(stderr, "+ {}\n", command_line(argv));
     cleanup_id_ = CleanupStack::push("lazyfs mount " + mountpoint.string(), [this] { stop(); });
     try {
@@ -247,6 +252,93 @@ class LazyfsMount {
   fs::path mountpoint_;
   pid_t pid_ = -1;
   int cleanup_id_ = 0;
+};
+
+// Polls `lazyfs status --json` on its own thread, from construction until
+// the mount says every served file is local ("complete": true), and keeps
+// the time it first did. A poll is a short-lived `lazyfs status` process
+// (about as costly as what `lazyfs status --wait` does, but every 50 ms
+// rather than every 500 ms).
+class CompletionWatch {
+ public:
+  CompletionWatch(const fs::path& mountpoint, const BenchContext& ctx)
+      : argv_{(ctx.bin_dir / "lazyfs").string(), "status", "--json", mountpoint.string()} {
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~CompletionWatch() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  CompletionWatch(const CompletionWatch&) = delete;
+  CompletionWatch& operator=(const CompletionWatch&) = delete;
+
+  // CLOCK_MONOTONIC ns when the mount was first seen complete. Throws if the
+  // fill failed, the status stopped answering, `limit` passed or a signal
+  // came.
+  uint64_t wait(std::chrono::seconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    std::unique_lock lock(mutex_);
+    while (complete_ns_ == 0 && error_.empty()) {
+      lock.unlock();
+      check_interrupted();
+      lock.lock();
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw std::runtime_error(
+            fmt::format("the fill did not complete within {} s", limit.count()));
+      }
+      cv_.wait_for(lock, 20ms, [&] { return complete_ns_ != 0 || !error_.empty(); });
+    }
+    if (!error_.empty()) throw std::runtime_error(error_);
+    return complete_ns_;
+  }
+
+ private:
+  void loop() {
+    unsigned failures = 0;
+    std::unique_lock lock(mutex_);
+    while (!stop_ && !interrupted()) {
+      lock.unlock();
+      std::string error;
+      bool complete = false;
+      const auto r = run(argv_);
+      const uint64_t now = monotonic_ns();
+      if (r.ok()) {
+        try {
+          const auto j = nlohmann::json::parse(r.out);
+          complete = j.at("complete").get<bool>();
+          const auto& fill = j.at("fill");
+          if (!complete && fill.value("state", std::string()) == "failed") {
+            error = "lazyfs fill failed: " + fill.value("error", std::string("unknown error"));
+          }
+          failures = 0;
+        } catch (const std::exception& e) {
+          error = fmt::format("unreadable `lazyfs status --json`: {}", e.what());
+        }
+      } else if (++failures >= 20) {
+        error = fmt::format("`{}` failed (exit {}): {}", command_line(argv_), r.status, r.err);
+      }
+      lock.lock();
+      if (complete || !error.empty()) {
+        if (complete) complete_ns_ = now;
+        error_ = error;
+        cv_.notify_all();
+        return;
+      }
+      cv_.wait_for(lock, 50ms, [&] { return stop_; });
+    }
+  }
+
+  const std::vector<std::string> argv_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stop_ = false;         // guarded by mutex_
+  uint64_t complete_ns_ = 0;  // guarded by mutex_
+  std::string error_;         // guarded by mutex_
+  std::thread thread_;        // last: started when the rest is ready
 };
 
 // --- the restored process -----------------------------------------------
@@ -322,6 +414,40 @@ ReadResult criu_restore(const PreparedScenario& p, const fs::path& image_dir,
   return parse_result(ss.str(), *p.scenario);
 }
 
+void prepare_images(const fs::path& image_dir, const fs::path& mnt, const BenchContext& ctx) {
+  run_step({(ctx.bin_dir / "lazyfs").string(), "prepare", image_dir.string(), "--mountpoint",
+            mnt.string(), "--all"},
+           ctx);
+}
+
+// lazyfs+prefetch's untimed first migration: a cold mount with
+// --record-trace, the same restore (workload or criu restore), then the
+// daemon is stopped, which writes the trace. Leaves nothing but `trace`.
+void record_trace(const PreparedScenario& p, const fs::path& trace, const fs::path& remote_root,
+                  const BenchContext& ctx) {
+  const fs::path dir = ctx.scratch / "run" / "record";
+  fresh_dir(dir);
+  const fs::path images = dir / "img", mnt = dir / "mnt";
+  fs::copy(p.checkpoint, images, fs::copy_options::recursive);
+  fs::create_directories(mnt);
+  drop_caches();
+  {
+    // Far longer than any restore here: the trace ends when the daemon does.
+    LazyfsMount m(mnt, images, dir / "cache", remote_root, ctx,
+                  {"--record-trace", trace.string(), "--trace-seconds", "86400"});
+    prepare_images(images, mnt, ctx);
+    if (p.criu) {
+      criu_restore(p, images, ctx);
+    } else {
+      run_workload(p, mnt, ctx);
+    }
+  }  // SIGTERM: the daemon writes the trace as it unmounts
+  if (!fs::exists(trace)) {
+    throw std::runtime_error("the recording mount left no trace at " + trace.string());
+  }
+  remove_tree(dir);
+}
+
 void wait_relay_idle(const BenchContext& ctx) {
   const auto deadline = std::chrono::steady_clock::now() + 10s;
   while (ctx.relay->open_connections() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -332,8 +458,8 @@ void wait_relay_idle(const BenchContext& ctx) {
 }  // namespace
 
 const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names{"eager-scp", "eager-sftp", "eager-rsync", "sshfs",
-                                              "lazyfs"};
+  static const std::vector<std::string> names{"eager-scp", "eager-sftp",  "eager-rsync",    "sshfs",
+                                              "lazyfs",    "lazyfs+fill", "lazyfs+prefetch"};
   return names;
 }
 
@@ -374,6 +500,10 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     // The restore host starts without the files.
     remove_tree(dest / "bench");
   }
+  const bool lazy = method == "lazyfs" || method.rfind("lazyfs+", 0) == 0;
+  const fs::path remote_root = criu ? p.lazyfs_remote_root : ctx.source_root;
+  const fs::path trace = run_dir / "restore.trace";
+  if (method == "lazyfs+prefetch") record_trace(p, trace, remote_root, ctx);
   wait_relay_idle(ctx);
   drop_caches();
   ctx.relay->reset_counters();
@@ -392,18 +522,35 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     SshfsMount m(at, ctx.source_root, ctx);
     t_setup = monotonic_ns();
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, at, ctx);
-  } else if (method == "lazyfs") {
-    const fs::path remote_root = criu ? p.lazyfs_remote_root : ctx.source_root;
-    LazyfsMount m(mnt, image_copy, run_dir / "cache", remote_root, ctx);
-    run_step({(ctx.bin_dir / "lazyfs").string(), "prepare", image_copy.string(), "--mountpoint",
-              mnt.string(), "--all"},
-             ctx);
+  } else if (lazy) {
+    std::vector<std::string> extra;
+    const bool fill = method == "lazyfs+fill";
+    if (fill) extra = {"--fill"};
+    if (method == "lazyfs+prefetch") extra = {"--prefetch", trace.string()};
+    if (method != "lazyfs" && extra.empty())
+      throw std::invalid_argument("unknown method " + method);
+    LazyfsMount m(mnt, image_copy, run_dir / "cache", remote_root, ctx, extra);
+    std::optional<CompletionWatch> watch;
+    if (fill) watch.emplace(mnt, ctx);
+    prepare_images(image_copy, mnt, ctx);
     t_setup = monotonic_ns();
     // Without CRIU the workload opens what prepare pointed the checkpoint
     // at: MOUNTPOINT + path.
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, mnt, ctx);
     const pid_t pid = m.pid();
-    const auto st = m.status();
+    auto st = m.status();
+    sample.demand_misses = st.value("demand_misses", uint64_t{0});
+    if (method == "lazyfs+prefetch") {
+      const auto& pf = st.at("prefetch");
+      if (pf.value("records", uint64_t{0}) == 0 || pf.value("skipped", uint64_t{0}) != 0) {
+        throw std::runtime_error("the recorded trace did not match the checkpoint: prefetch " +
+                                 pf.dump());
+      }
+    }
+    if (watch) {
+      sample.wholly_local_s = seconds_between(t0, watch->wait(std::chrono::hours(2)));
+      st = m.status();
+    }
     const auto usage = read_usage(pid);
     sample.lazyfs_cpu_s = usage.cpu_s;
     sample.lazyfs_peak_rss_kib = usage.peak_rss_kib;

@@ -6,6 +6,9 @@
 //   eager-rsync  rsync -a over ssh, then run
 //   sshfs        mount the source tree with sshfs, run through it
 //   lazyfs       lazyfs mount + lazyfs prepare, run through the mount
+//   lazyfs+fill  the same with --fill; also times until every byte is local
+//   lazyfs+prefetch  an untimed run with --record-trace first, then the
+//                same with --prefetch of that trace
 //
 // "Run" is the workload reading the scenario's plan, or with --criu a real
 // `criu restore` of a dumped workload. Every run starts cold: page cache
@@ -60,6 +63,10 @@ struct Sample {
   std::optional<double> lazyfs_cpu_s;
   std::optional<uint64_t> lazyfs_peak_rss_kib;
   std::optional<uint64_t> lazyfs_fetched_bytes;  // payload, from `lazyfs status`
+  // lazyfs methods: demand reads that waited for a fetch, after the workload.
+  std::optional<uint64_t> demand_misses;
+  // lazyfs+fill: method start until `lazyfs status` said every file is local.
+  std::optional<double> wholly_local_s;
 };
 
 // One cold run. Throws with what failed (and Interrupted).

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -49,6 +50,18 @@ std::vector<double> collect(const ResultRow& r, Get get) {
   std::vector<double> v;
   for (const auto& s : r.samples) v.push_back(get(s));
   return v;
+}
+
+// The spread of an optional field over the samples that have it; nothing if
+// none has.
+template <typename T>
+std::optional<Spread> optional_spread(const ResultRow& r, std::optional<T> Sample::*field) {
+  std::vector<double> v;
+  for (const auto& s : r.samples) {
+    if (s.*field) v.push_back(static_cast<double>(*(s.*field)));
+  }
+  if (v.empty()) return std::nullopt;
+  return spread(std::move(v));
 }
 
 std::string mib(double bytes) {
@@ -153,6 +166,20 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
       j["lazyfs_cpu_s"] = nullptr;
       j["lazyfs_peak_rss_kib"] = nullptr;
     }
+    if (const auto misses = optional_spread(r, &Sample::demand_misses)) {
+      j["demand_misses"] = static_cast<uint64_t>(std::llround(misses->median));
+      j["demand_misses_min"] = static_cast<uint64_t>(std::llround(misses->min));
+      j["demand_misses_max"] = static_cast<uint64_t>(std::llround(misses->max));
+    } else {
+      j["demand_misses"] = nullptr;
+    }
+    if (const auto local = optional_spread(r, &Sample::wholly_local_s)) {
+      j["wholly_local_s"] = local->median;
+      j["wholly_local_min_s"] = local->min;
+      j["wholly_local_max_s"] = local->max;
+    } else {
+      j["wholly_local_s"] = nullptr;
+    }
     nlohmann::json samples = nlohmann::json::array();
     for (const auto& s : r.samples) {
       nlohmann::json sj{{"restore_ready_s", s.ready_s},
@@ -165,6 +192,8 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
         sj["lazyfs_peak_rss_kib"] = *s.lazyfs_peak_rss_kib;
         sj["lazyfs_fetched_bytes"] = *s.lazyfs_fetched_bytes;
       }
+      if (s.demand_misses) sj["demand_misses"] = *s.demand_misses;
+      if (s.wholly_local_s) sj["wholly_local_s"] = *s.wholly_local_s;
       samples.push_back(sj);
     }
     j["samples"] = samples;
@@ -174,12 +203,13 @@ nlohmann::json results_json(const std::vector<ResultRow>& rows) {
 }
 
 std::string results_table(const std::vector<ResultRow>& rows) {
-  std::string out = fmt::format(
-      "{:<10} {:<16} {:<12} {:>9} {:>19} {:>9} {:>8} {:>11} {:>8} {:>9}\n", "link", "scenario",
-      "method", "ready_s", "(min-max)", "first_s", "setup_s", "MiB_link", "lfs_cpu", "lfs_rss_M");
+  std::string out =
+      fmt::format("{:<10} {:<16} {:<15} {:>9} {:>19} {:>9} {:>8} {:>11} {:>8} {:>9} {:>7} {:>8}\n",
+                  "link", "scenario", "method", "ready_s", "(min-max)", "first_s", "setup_s",
+                  "MiB_link", "lfs_cpu", "lfs_rss_M", "misses", "local_s");
   for (const auto& r : rows) {
     if (r.samples.empty()) {
-      out += fmt::format("{:<10} {:<16} {:<12} FAILED: {}\n", r.link, r.scenario, r.method,
+      out += fmt::format("{:<10} {:<16} {:<15} FAILED: {}\n", r.link, r.scenario, r.method,
                          first_line(r.error));
       continue;
     }
@@ -200,11 +230,18 @@ std::string results_table(const std::vector<ResultRow>& rows) {
                                     1024);
     }
     const auto setup = spread(collect(r, [](const Sample& s) { return s.setup_s; }));
+    std::string misses = "-", local = "-";
+    if (const auto m = optional_spread(r, &Sample::demand_misses)) {
+      misses = fmt::format("{:.0f}", m->median);
+    }
+    if (const auto l = optional_spread(r, &Sample::wholly_local_s)) {
+      local = fmt::format("{:.3f}", l->median);
+    }
     out += fmt::format(
-        "{:<10} {:<16} {:<12} {:>9.3f} {:>19} {:>9.3f} {:>8.3f} {:>11} {:>8} {:>9}{}\n", r.link,
-        r.scenario, r.method, ready.median, fmt::format("({:.3f}-{:.3f})", ready.min, ready.max),
-        first.median, setup.median, mib(bytes.median), cpu, rss,
-        r.error.empty() ? "" : " (some runs failed)");
+        "{:<10} {:<16} {:<15} {:>9.3f} {:>19} {:>9.3f} {:>8.3f} {:>11} {:>8} {:>9} {:>7} {:>8}{}\n",
+        r.link, r.scenario, r.method, ready.median,
+        fmt::format("({:.3f}-{:.3f})", ready.min, ready.max), first.median, setup.median,
+        mib(bytes.median), cpu, rss, misses, local, r.error.empty() ? "" : " (some runs failed)");
   }
   return out;
 }
