@@ -20,7 +20,7 @@ ctest --test-dir build --output-on-failure -j "$(nproc)"
 # The benchmark harness is a test driver: its smoke test (bench-quick) ran
 # above and is not repeated under the sanitizers.
 echo "== build with ASan+UBSan"
-scripts/build.sh build-asan -DLAZYFS_SANITIZE=ON -DLAZYFS_BENCH=OFF
+scripts/build.sh build-asan -DCMAKE_BUILD_TYPE=Debug -DLAZYFS_SANITIZE=ON -DLAZYFS_BENCH=OFF
 echo "== tests with ASan+UBSan"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure -j "$(nproc)"

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
@@ -30,11 +31,15 @@ struct HttpRig {
   Catalog catalog;
   std::unique_ptr<LazyfsMount> mount;
 
-  explicit HttpRig(const std::vector<std::string>& extra = {}) : catalog(load()) {
+  // With `tls` the mount goes to nginx's https port, trusting its certificate.
+  explicit HttpRig(const std::vector<std::string>& extra = {}, bool tls = false)
+      : nginx(tls), catalog(load()) {
     populate_source(catalog, nginx.docroot() / "ckpt");
     std::vector<std::string> args{"--cache-dir", (dir.path() / "cache").string()};
+    if (tls) args.insert(args.end(), {"--ca-file", nginx.certificate().string()});
     args.insert(args.end(), extra.begin(), extra.end());
-    mount = std::make_unique<LazyfsMount>(mnt, images, nginx.url("/ckpt"), args);
+    mount = std::make_unique<LazyfsMount>(mnt, images,
+                                          tls ? nginx.tls_url("/ckpt") : nginx.url("/ckpt"), args);
   }
   Catalog load() {
     copy_fixture(images);
@@ -120,4 +125,26 @@ TEST_CASE("http mount: an unreachable server fails the mount clearly", "[mount][
                        nginx.url("/ckpt")});
   CHECK(r.status != 0);
   CHECK_THAT(r.err, Catch::Contains(nginx.url()) && Catch::Contains("refused"));
+}
+
+TEST_CASE("https mount: served through --ca-file, refused without it", "[mount][http]") {
+  HttpRig rig({}, true);
+  int err = 0;
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  CHECK(pread_bytes(fd, 7 * kBlock + 5, 9000, err) == source_bytes(kBig, 7 * kBlock + 5, 9000));
+  CHECK(err == 0);
+  ::close(fd);
+  CHECK(rig.mount->stop());
+
+  // The same server without its CA: the certificate is not trusted.
+  ScratchDir dir("httpsbad");
+  copy_fixture(dir.path() / "images");
+  std::filesystem::create_directories(dir.path() / "mnt");
+  auto r = run_lazyfs({"mount", "--cache-dir", (dir.path() / "c").string(),
+                       (dir.path() / "mnt").string(), (dir.path() / "images").string(),
+                       rig.nginx.tls_url("/ckpt")});
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Catch::Contains(rig.nginx.tls_url()) && Catch::Contains("certificate"));
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
 }

@@ -705,6 +705,7 @@ class HttpSource final : public Source {
     auto st = perform(t, s_.origin + s_.prefix + "/", nullptr);
     if (t.final) {
       log::info(kLog, "reachable uri={} code={}", s_.uri, t.resp.code);
+      started_.store(true, std::memory_order_relaxed);
       return {};
     }
     return st;
@@ -865,7 +866,10 @@ class HttpSource final : public Source {
     if (connect_failure) {
       counters_.connect_failures.fetch_add(1, std::memory_order_relaxed);
       state_.store(SourceState::kDown, std::memory_order_relaxed);
-      log::warn(kLog, "connect failed reason=\"{}\"", st.message());
+      // At start the caller reports it (make_http_source's status).
+      if (started_.load(std::memory_order_relaxed)) {
+        log::warn(kLog, "connect failed reason=\"{}\"", st.message());
+      }
     } else {
       state_.store(SourceState::kRetrying, std::memory_order_relaxed);
     }
@@ -912,6 +916,7 @@ class HttpSource final : public Source {
   std::mutex validators_mu_;
   std::unordered_map<std::string, Validator> validators_;  // guarded by validators_mu_
   std::atomic<SourceState> state_{SourceState::kConnected};
+  std::atomic<bool> started_{false};  // warm_up succeeded
   std::vector<std::thread> warmers_;  // joined on destruction
 };
 

@@ -1189,7 +1189,10 @@ class SftpSource final : public Source {
     std::unique_ptr<Session> session;
     bool fresh = false;
     auto st = checkout(session, fresh);
-    if (st.ok()) checkin(std::move(session));
+    if (st.ok()) {
+      checkin(std::move(session));
+      started_.store(true, std::memory_order_relaxed);
+    }
     return st;
   }
 
@@ -1251,7 +1254,10 @@ class SftpSource final : public Source {
     if (!st.ok()) {
       counters_.connect_failures.fetch_add(1, std::memory_order_relaxed);
       state_.store(SourceState::kDown, std::memory_order_relaxed);
-      log::warn(kLog, "connect failed reason=\"{}\"", st.message());
+      // At start the caller reports it (make_sftp_source's status).
+      if (started_.load(std::memory_order_relaxed)) {
+        log::warn(kLog, "connect failed reason=\"{}\"", st.message());
+      }
       session.reset();
       release_slot();
       return st;
@@ -1287,6 +1293,7 @@ class SftpSource final : public Source {
   std::vector<std::unique_ptr<Session>> idle_;  // guarded by mu_
   unsigned open_ = 0;  // sessions idle, in use or being opened; guarded by mu_
   std::atomic<SourceState> state_{SourceState::kConnected};
+  std::atomic<bool> started_{false};  // warm_up succeeded
   std::vector<std::thread> warmers_;  // joined on destruction
 };
 

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
               catalog.identity().substr(0, 12).c_str(), catalog.files().size(),
               static_cast<unsigned long long>(catalog.total_bytes()));
 
-  // Where the bytes come from: sftp://..., file:///..., or our own Source.
+  // Where the bytes come from: sftp://..., http(s)://..., file:///..., or our own Source.
   lazyfs::Status status;
   std::shared_ptr<lazyfs::Source> source = lazyfs::open_source(argv[2], {}, status);
   if (!source) {

@@ -15,6 +15,7 @@
 
 #include "lazyfs/catalog.h"
 #include "lazyfs/engine.h"
+#include "lazyfs/http_source.h"
 #include "lazyfs/image.h"
 #include "lazyfs/log.h"
 #include "lazyfs/open_source.h"
