@@ -5,11 +5,13 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "lazyfs/source.h"
@@ -69,6 +71,7 @@ class FakeSource : public Source {
       size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_, end - at));
       for (size_t i = 0; i < n; ++i) buf[i] = pattern_byte(at + i);
       counters_.bytes_read += n;
+      if (chunk_delay_.count() > 0) std::this_thread::sleep_for(chunk_delay_);
       sink(at, std::span<const std::byte>(buf.data(), n));
       at += n;
       lock.lock();
@@ -97,6 +100,8 @@ class FakeSource : public Source {
     pause_after_chunks_ = n;
     cv_.notify_all();
   }
+  // Every chunk takes this long to arrive: a slow link. Set before reads start.
+  void set_chunk_delay(std::chrono::microseconds delay) { chunk_delay_ = delay; }
   // The next `n` reads or stats fail with `status`.
   void fail_next(unsigned n, Status status) {
     std::lock_guard lock(mutex_);
@@ -133,6 +138,7 @@ class FakeSource : public Source {
   size_t pause_after_chunks_ = SIZE_MAX;
   size_t chunks_delivered_ = 0;
   unsigned failures_left_ = 0;
+  std::chrono::microseconds chunk_delay_{0};
   Status failure_;
 };
 

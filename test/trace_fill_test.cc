@@ -163,6 +163,57 @@ TEST_CASE("fill: readers are served ahead of it", "[fill]") {
   CHECK(calls[0].path == "/f0");  // small files first
 }
 
+// A demand read on a slow source, timed alone and during a fill. Only the
+// order is asserted (the reader's request reaches the source next, however
+// much fill work is queued); the two latencies are reported, not checked:
+// timing assertions are flaky on shared machines. The benchmark compares
+// lazyfs with lazyfs+fill on real links.
+TEST_CASE("fill: a reader's latency with and without a fill running", "[fill]") {
+  FillRig rig;                          // three workers: the fill keeps two busy
+  rig.source->set_chunk_delay(1000us);  // 16 KiB per ms per request: ~16 MB/s
+  auto timed_read = [&](FetchEngine::FileId id, uint64_t offset) {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    const auto t0 = std::chrono::steady_clock::now();
+    rig.engine->request(id, offset, 100, Priority::kDemand, [&](const Status& st) {
+      CHECK(st.ok());
+      std::lock_guard lock(m);
+      done = true;
+      cv.notify_all();
+    });
+    std::unique_lock lock(m);
+    REQUIRE(cv.wait_for(lock, 60s, [&] { return done; }));
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0);
+  };
+  const auto alone = timed_read(rig.ids[3], 39 * kBlock);
+
+  BackgroundFill fill(*rig.engine, {});
+  // Wait until the fill has large-file requests in flight.
+  REQUIRE(eventually([&] {
+    auto calls = rig.source->calls();
+    return calls.size() >= 6 && calls.back().path != "/f3";
+  }));
+  const size_t before = rig.source->calls().size();
+  const auto during = timed_read(rig.ids[5], 38 * kBlock);
+  const auto calls = rig.source->calls();
+  size_t at = calls.size();
+  for (size_t k = before; k < calls.size(); ++k) {
+    if (calls[k].path == "/f5" && calls[k].offset == 38 * kBlock) {
+      at = k;
+      break;
+    }
+  }
+  // Nothing the fill queued after the read went to the source before it.
+  CHECK(at <= before + 1);
+  CHECK(calls.at(at).length == kBlock);
+  WARN("one-block demand read on a ~16 MB/s source: " << alone.count() << " ms alone, "
+                                                      << during.count() << " ms during a fill");
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kComplete);
+  CHECK(rig.present() == rig.total());
+}
+
 TEST_CASE("fill: a source that fails stops it with the reason", "[fill]") {
   FillRig rig;
   rig.source->fail_next(1000000, Status::transient(ECONNREFUSED, "source is down"));

@@ -73,6 +73,7 @@ struct FetchEngine::Counters {
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> cache_hits{0};
   std::atomic<uint64_t> demand_misses{0};
+  std::atomic<int64_t> last_demand_miss_ns{0};  // steady_clock, since its epoch
   std::atomic<uint64_t> inflight{0};
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> errors{0};
@@ -342,7 +343,14 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
       }
       if (!hit) {
         plan_fetches_locked(f, want, priority, jobs);
-        if (priority == Priority::kDemand) ++counters_->demand_misses;
+        if (priority == Priority::kDemand) {
+          ++counters_->demand_misses;
+          counters_->last_demand_miss_ns.store(
+              std::chrono::duration_cast<std::chrono::nanoseconds>(
+                  std::chrono::steady_clock::now().time_since_epoch())
+                  .count(),
+              std::memory_order_relaxed);
+        }
       }
       if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
     }
@@ -663,6 +671,11 @@ void FetchEngine::record_latency(Clock::duration d) {
   counters_->latency_sum_s += s;
   counters_->latency_max_s = std::max(counters_->latency_max_s, s);
   ++counters_->latency_ms_log2[bucket];
+}
+
+std::chrono::steady_clock::time_point FetchEngine::last_demand_miss() const {
+  return std::chrono::steady_clock::time_point(
+      std::chrono::nanoseconds(counters_->last_demand_miss_ns.load(std::memory_order_relaxed)));
 }
 
 EngineStats FetchEngine::stats() const {

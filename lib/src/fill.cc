@@ -27,7 +27,8 @@ const char* fill_state_name(FillState state) {
 BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
     : engine_(engine),
       options_(std::move(options)),
-      max_in_flight_(std::max(1u, engine.workers() - 1)) {
+      max_in_flight_(std::max(1u, engine.workers() - 1)),
+      started_(Clock::now()) {
   const uint64_t bs = engine_.options().block_size;
   if (options_.rate > 0) options_.chunk = std::min(options_.chunk, std::max(bs, options_.rate / 4));
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
@@ -135,14 +136,36 @@ void BackgroundFill::run() {
   log::info("fill", "complete bytes={}", progress_.requested);
 }
 
-// Asks for one range at background priority once the pace and the in-flight
-// limit allow; false if the fill must end (stopped or failed).
+// Asks for one range at background priority, in block-sized pieces one at a
+// time while readers are missing; false if the fill must end (stopped or
+// failed).
 bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length) {
+  const uint64_t bs = engine_.options().block_size;
+  while (length > 0) {
+    const bool yield = readers_missing();
+    const uint64_t n = yield ? std::min(length, bs - offset % bs) : length;
+    if (!issue(id, offset, n, yield ? 1 : max_in_flight_)) return false;
+    offset += n;
+    length -= n;
+  }
+  return true;
+}
+
+// A restore starts reading right after the mount: the fill's first
+// yield_after counts as a time when readers are missing.
+bool BackgroundFill::readers_missing() const {
+  const auto since = std::max(engine_.last_demand_miss(), started_);
+  return Clock::now() - since < options_.yield_after;
+}
+
+// Sends one request once the pace allows and fewer than `limit` are in
+// flight.
+bool BackgroundFill::issue(FetchEngine::FileId id, uint64_t offset, uint64_t length,
+                           unsigned limit) {
   pace(length);
   std::unique_lock lock(mutex_);
-  cv_.wait(lock, [&] {
-    return stop_ || progress_.state != FillState::kRunning || in_flight_ < max_in_flight_;
-  });
+  cv_.wait(lock,
+           [&] { return stop_ || progress_.state != FillState::kRunning || in_flight_ < limit; });
   if (stop_ || progress_.state != FillState::kRunning) return false;
   ++in_flight_;
   progress_.requested += length;

@@ -141,6 +141,9 @@ class FetchEngine {
   unsigned workers() const { return workers_; }
 
   EngineStats stats() const;
+  // When a demand request last had to wait for a fetch (the epoch if never):
+  // background work backs off while readers are missing.
+  std::chrono::steady_clock::time_point last_demand_miss() const;
   std::vector<FileStats> file_stats() const;
   SourceState source_state() const;
   const EngineOptions& options() const { return options_; }

@@ -4,6 +4,10 @@
 // in large ranges. Files named by a trace come first, in its order. It keeps
 // at most one request fewer in flight than the engine has workers, so a
 // reader always finds a free connection, and can cap its own bandwidth.
+// While readers are missing (a demand read waited for a fetch in the last
+// `yield_after` ms, or it started less than that long ago: a restore reads
+// right after the mount) it backs off to one block-sized request at a time,
+// so that its transfers do not queue ahead of theirs on the link.
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
@@ -25,6 +29,8 @@ struct FillOptions {
   uint64_t small_file = 1 << 20;           // files up to this size go first, whole
   uint64_t chunk = 4 << 20;                // request size for large files
   std::vector<FetchEngine::FileId> first;  // files to fill first, in order (a trace's)
+  // Back off while a demand read missed less than this long ago.
+  std::chrono::milliseconds yield_after{250};
 };
 
 enum class FillState { kRunning, kComplete, kFailed, kStopped };
@@ -51,11 +57,14 @@ class BackgroundFill {
  private:
   void run();
   bool fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length);
+  bool issue(FetchEngine::FileId id, uint64_t offset, uint64_t length, unsigned limit);
+  bool readers_missing() const;
   void pace(uint64_t bytes);
 
   FetchEngine& engine_;
   FillOptions options_;
   unsigned max_in_flight_;
+  std::chrono::steady_clock::time_point started_;
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
