@@ -28,7 +28,8 @@ BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
     : engine_(engine),
       options_(std::move(options)),
       max_in_flight_(std::max(1u, engine.workers() - 1)),
-      started_(Clock::now()) {
+      started_(Clock::now()),
+      last_issue_(started_) {
   const uint64_t bs = engine_.options().block_size;
   if (options_.rate > 0) options_.chunk = std::min(options_.chunk, std::max(bs, options_.rate / 4));
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
@@ -143,12 +144,29 @@ bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_
   const uint64_t bs = engine_.options().block_size;
   while (length > 0) {
     const bool yield = readers_missing();
+    if (yield && !pause_for_readers()) return false;
     const uint64_t n = yield ? std::min(length, bs - offset % bs) : length;
     if (!issue(id, offset, n, yield ? 1 : max_in_flight_)) return false;
     offset += n;
     length -= n;
   }
   return true;
+}
+
+// While readers keep missing, waits until they have been quiet for
+// yield_after, but no longer than kMaxPause since the fill's last request:
+// a process that reads steadily slows the fill to a block per kMaxPause, and
+// never stops it. False if the fill must end.
+bool BackgroundFill::pause_for_readers() {
+  constexpr auto kMaxPause = std::chrono::seconds(1);
+  const auto limit = last_issue_ + kMaxPause;
+  std::unique_lock lock(mutex_);
+  while (!stop_ && progress_.state == FillState::kRunning && Clock::now() < limit) {
+    const auto quiet_at = std::max(engine_.last_demand_miss(), started_) + options_.yield_after;
+    if (Clock::now() >= quiet_at) break;
+    cv_.wait_until(lock, std::min(quiet_at, limit));
+  }
+  return !stop_ && progress_.state == FillState::kRunning;
 }
 
 // A restore starts reading right after the mount: the fill's first
@@ -169,6 +187,7 @@ bool BackgroundFill::issue(FetchEngine::FileId id, uint64_t offset, uint64_t len
   if (stop_ || progress_.state != FillState::kRunning) return false;
   ++in_flight_;
   progress_.requested += length;
+  last_issue_ = Clock::now();
   lock.unlock();
   engine_.request(id, offset, length, Priority::kBackground, [this, length](const Status& st) {
     std::lock_guard l(mutex_);

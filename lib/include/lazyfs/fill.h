@@ -6,8 +6,9 @@
 // reader always finds a free connection, and can cap its own bandwidth.
 // While readers are missing (a demand read waited for a fetch in the last
 // `yield_after` ms, or it started less than that long ago: a restore reads
-// right after the mount) it backs off to one block-sized request at a time,
-// so that its transfers do not queue ahead of theirs on the link.
+// right after the mount) it pauses until they have been quiet that long, but
+// sends at least one block-sized request a second, so that its transfers do
+// not queue ahead of theirs on the link and a steady reader cannot starve it.
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
@@ -59,12 +60,14 @@ class BackgroundFill {
   bool fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length);
   bool issue(FetchEngine::FileId id, uint64_t offset, uint64_t length, unsigned limit);
   bool readers_missing() const;
+  bool pause_for_readers();
   void pace(uint64_t bytes);
 
   FetchEngine& engine_;
   FillOptions options_;
   unsigned max_in_flight_;
   std::chrono::steady_clock::time_point started_;
+  std::chrono::steady_clock::time_point last_issue_;  // the fill thread's own
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
