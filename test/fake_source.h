@@ -29,6 +29,7 @@ class FakeSource : public Source {
     std::string path;
     uint64_t offset;
     uint64_t length;
+    std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
   };
 
   explicit FakeSource(unsigned concurrency = 4, size_t chunk = 16 << 10)

@@ -195,6 +195,7 @@ TEST_CASE("fill: a reader's latency with and without a fill running", "[fill]") 
     return calls.size() >= 6 && calls.back().path != "/f3";
   }));
   const size_t before = rig.source->calls().size();
+  const auto asked = std::chrono::steady_clock::now();
   const auto during = timed_read(rig.ids[5], 38 * kBlock);
   const auto calls = rig.source->calls();
   size_t at = calls.size();
@@ -207,8 +208,10 @@ TEST_CASE("fill: a reader's latency with and without a fill running", "[fill]") 
   // Nothing the fill queued after the read went to the source before it.
   CHECK(at <= before + 1);
   CHECK(calls.at(at).length == kBlock);
-  WARN("one-block demand read on a ~16 MB/s source: " << alone.count() << " ms alone, "
-                                                      << during.count() << " ms during a fill");
+  const std::chrono::duration<double, std::milli> queued = calls.at(at).at - asked;
+  WARN("one-block demand read on a ~16 MB/s source: "
+       << alone.count() << " ms alone, " << during.count() << " ms during a fill, "
+       << queued.count() << " ms of it before the source saw it");
   REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
   CHECK(fill.progress().state == FillState::kComplete);
   CHECK(rig.present() == rig.total());
