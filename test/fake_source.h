@@ -5,6 +5,7 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -56,6 +57,26 @@ class FakeSource : public Source {
 
   Status read(const std::string& path, uint64_t offset, uint64_t length,
               const ChunkSink& sink) override {
+    // Counts the reads in progress at once: until their last chunk goes to
+    // the sink (after which the reader may already ask for more), or until
+    // they end some other way.
+    struct Active {
+      FakeSource& s;
+      bool counted = true;
+      explicit Active(FakeSource& src) : s(src) {
+        const unsigned now = ++s.active_;
+        unsigned seen = s.max_active_.load();
+        while (now > seen && !s.max_active_.compare_exchange_weak(seen, now)) {
+        }
+      }
+      void end() {
+        if (counted) --s.active_;
+        counted = false;
+      }
+      ~Active() { end(); }
+      Active(const Active&) = delete;
+      Active& operator=(const Active&) = delete;
+    } active(*this);
     std::unique_lock lock(mutex_);
     calls_.push_back({path, offset, length});
     ++counters_.reads;
@@ -73,6 +94,7 @@ class FakeSource : public Source {
       for (size_t i = 0; i < n; ++i) buf[i] = pattern_byte(at + i);
       counters_.bytes_read += n;
       if (chunk_delay_.count() > 0) std::this_thread::sleep_for(chunk_delay_);
+      if (at + n >= end) active.end();
       sink(at, std::span<const std::byte>(buf.data(), n));
       at += n;
       lock.lock();
@@ -117,6 +139,9 @@ class FakeSource : public Source {
     std::unique_lock lock(mutex_);
     cv_.wait(lock, [&] { return chunks_delivered_ >= n; });
   }
+  // The most reads that were in progress at once since the last reset.
+  unsigned max_active() const { return max_active_.load(); }
+  void reset_max_active() { max_active_ = active_.load(); }
   std::vector<Call> calls() const {
     std::lock_guard lock(mutex_);
     return calls_;
@@ -140,6 +165,8 @@ class FakeSource : public Source {
   size_t chunks_delivered_ = 0;
   unsigned failures_left_ = 0;
   std::chrono::microseconds chunk_delay_{0};
+  std::atomic<unsigned> active_{0};
+  std::atomic<unsigned> max_active_{0};
   Status failure_;
 };
 

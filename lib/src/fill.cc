@@ -32,6 +32,10 @@ BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
       last_issue_(started_) {
   const uint64_t bs = engine_.options().block_size;
   if (options_.rate > 0) options_.chunk = std::min(options_.chunk, std::max(bs, options_.rate / 4));
+  // One request, one source transfer: a larger range would be split into
+  // several engine jobs, which could take every worker the in-flight limit
+  // means to leave to readers.
+  options_.chunk = std::min(options_.chunk, engine_.options().max_request);
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
   thread_ = std::thread([this] { run(); });
 }
