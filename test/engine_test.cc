@@ -183,6 +183,53 @@ TEST_CASE("demand goes before read-ahead before background", "[engine]") {
   CHECK(calls[4].offset == 40 * kBlock);
 }
 
+TEST_CASE("queued fetches of one priority go to the source together, never mixed", "[engine]") {
+  EngineOptions opts;
+  opts.threads = 1;
+  Rig rig(opts, 1);
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, c.make());  // occupies the worker
+  rig.source->wait_for_calls(1);
+  for (uint64_t b = 10; b < 60; b += 5) {  // ten scattered blocks: no read-ahead
+    rig.engine->request(rig.file, b * kBlock, 100, Priority::kDemand, c.make());
+  }
+  for (uint64_t b = 3; b < 6; ++b) {
+    rig.engine->request(rig.file, b * kBlock, kBlock, Priority::kBackground, c.make());
+  }
+  rig.source->open_gate();
+  REQUIRE(c.wait(14));
+  CHECK(c.ok_count() == 14);
+  // Three requests, three jobs (requests are coalesced only within one).
+  CHECK(rig.source->batches() == std::vector<size_t>{1, 10, 3});
+  for (uint64_t b = 10; b < 60; b += 5) rig.check_bytes(b * kBlock, kBlock);
+  rig.check_bytes(3 * kBlock, 3 * kBlock);
+}
+
+TEST_CASE("background fetches leave one worker to readers", "[engine]") {
+  EngineOptions opts;
+  opts.threads = 2;
+  opts.max_request = kBlock;  // every background block its own job
+  Rig rig(opts, 2);
+  rig.validate();
+  rig.source->close_gate();
+  Completions c;
+  for (uint64_t b = 0; b < 8; ++b) {
+    rig.engine->request(rig.file, b * kBlock, kBlock, Priority::kBackground, c.make());
+  }
+  rig.source->wait_for_calls(1);
+  std::this_thread::sleep_for(100ms);
+  CHECK(rig.source->calls().size() == 1);  // the second worker stays free
+  rig.engine->request(rig.file, 40 * kBlock, 10, Priority::kDemand, c.make());
+  rig.source->wait_for_calls(2);
+  CHECK(rig.source->calls()[1].offset == 40 * kBlock);
+  rig.source->open_gate();
+  REQUIRE(c.wait(9));
+  CHECK(c.ok_count() == 9);
+  rig.check_bytes(0, 8 * kBlock);
+}
+
 TEST_CASE("an error fails every waiter of the failed blocks, a later request tries again",
           "[engine]") {
   Rig rig;
@@ -354,10 +401,11 @@ TEST_CASE("shutting down fails queued requests instead of hanging", "[engine]") 
   rig.validate();
   rig.source->close_gate();
   Completions c;
-  for (uint64_t i = 0; i < 10; ++i) {
+  rig.engine->request(rig.file, 0, 10, Priority::kDemand, c.make());
+  rig.source->wait_for_calls(1);  // the one worker is busy: the others queue
+  for (uint64_t i = 1; i < 10; ++i) {
     rig.engine->request(rig.file, i * 3 * kBlock, 10, Priority::kDemand, c.make());
   }
-  rig.source->wait_for_calls(1);
   std::thread opener([&] {
     std::this_thread::sleep_for(50ms);
     rig.source->open_gate();

@@ -106,6 +106,19 @@ class FakeSource : public Source {
     return {};
   }
 
+  // Records how many ranges each call carried, then reads them one by one.
+  void read_many(std::span<const ReadRange> ranges, const ReadDone& done) override {
+    {
+      std::lock_guard lock(mutex_);
+      batches_.push_back(ranges.size());
+    }
+    Source::read_many(ranges, done);
+  }
+  std::vector<size_t> batches() const {
+    std::lock_guard lock(mutex_);
+    return batches_;
+  }
+
   // Reads wait at the gate while it is closed.
   void close_gate() {
     std::lock_guard lock(mutex_);
@@ -160,6 +173,7 @@ class FakeSource : public Source {
   std::condition_variable cv_;
   std::map<std::string, std::pair<uint64_t, uint32_t>> files_;
   std::vector<Call> calls_;
+  std::vector<size_t> batches_;  // ranges per read_many call
   bool gate_open_ = true;
   size_t pause_after_chunks_ = SIZE_MAX;
   size_t chunks_delivered_ = 0;

@@ -265,6 +265,84 @@ TEST_CASE("sftp source: stat matches the file and missing files are ENOENT", "[s
   CHECK(source->counters().connects == 1);
 }
 
+TEST_CASE("sftp source: read_many pipelines many files on one session", "[sftp]") {
+  SshServer server;
+  std::mt19937_64 rng(11);
+  std::uniform_int_distribution<size_t> size(0, 70000);
+  struct Want {
+    std::string path;
+    uint64_t offset;
+    uint64_t length;
+    std::vector<uint8_t> bytes;  // expected
+  };
+  std::vector<Want> wants;
+  for (int i = 0; i < 150; ++i) {
+    const auto file = server.dir() / fmt::format("f{:03}", i);
+    auto bytes = make_random_file(file, size(rng), static_cast<uint64_t>(i));
+    wants.push_back({file.string(), 0, bytes.size() + 10, bytes});  // asks past the end
+  }
+  const auto big = server.dir() / "big";
+  const auto big_bytes = make_random_file(big, 3 * kMiB, 99);
+  wants.insert(wants.begin() + 40,
+               {big.string(), 12345, 2 * kMiB, expected_slice(big_bytes, 12345, 2 * kMiB)});
+  wants.insert(wants.begin() + 70, {(server.dir() / "missing").string(), 0, 10, {}});
+  wants.push_back({big.string(), 3 * kMiB + 5, 100, {}});  // wholly past the end
+
+  auto options = server.options();
+  options.connections = 1;
+  auto source = connect(options);
+  const auto closes_before = server.closes();
+
+  std::vector<std::vector<uint8_t>> got(wants.size());
+  std::vector<int> done_count(wants.size(), 0);
+  std::vector<Status> status(wants.size());
+  std::vector<bool> in_order(wants.size(), true);
+  std::vector<Source::ReadRange> ranges;
+  for (size_t i = 0; i < wants.size(); ++i) {
+    ranges.push_back(
+        {wants[i].path, wants[i].offset, wants[i].length,
+         [&, i, next = wants[i].offset](uint64_t at, std::span<const std::byte> data) mutable {
+           if (at != next || data.empty()) in_order[i] = false;
+           const auto* p = reinterpret_cast<const uint8_t*>(data.data());
+           got[i].insert(got[i].end(), p, p + data.size());
+           next = at + data.size();
+         }});
+  }
+  source->read_many(ranges, [&](size_t i, const Status& st) {
+    ++done_count[i];
+    status[i] = st;
+  });
+
+  for (size_t i = 0; i < wants.size(); ++i) {
+    INFO(wants[i].path << " at " << wants[i].offset);
+    CHECK(done_count[i] == 1);
+    CHECK(in_order[i]);
+    if (wants[i].path.ends_with("missing")) {
+      CHECK(status[i].errnum() == ENOENT);
+      continue;
+    }
+    CHECK(status[i].ok());
+    CHECK(got[i] == wants[i].bytes);
+  }
+  CHECK(source->counters().connects == 1);
+  CHECK(source->counters().reads == wants.size());
+  // Every file it opened is closed, and the OPENs went out ahead of the
+  // CLOSEs: the server opened many files before closing the first.
+  REQUIRE(server.wait_for_closes(closes_before + wants.size() - 1, 10s));
+  const auto log = server.sftp_log();
+  const auto first_close = log.find("\" bytes read ");
+  REQUIRE(first_close != std::string::npos);
+  size_t opens_before_close = 0;
+  for (auto at = log.find("open \""); at < first_close; at = log.find("open \"", at + 1)) {
+    ++opens_before_close;
+  }
+  CHECK(opens_before_close >= 16);
+  // The session is still in step for single reads.
+  auto r = read_range(*source, big.string(), 0, 1000);
+  REQUIRE(r.status.ok());
+  CHECK(r.data == expected_slice(big_bytes, 0, 1000));
+}
+
 TEST_CASE("sftp source: a sink that throws gives its session back", "[sftp]") {
   SshServer server;
   const auto file = server.dir() / "data.bin";

@@ -450,37 +450,61 @@ void FetchEngine::enqueue(std::shared_ptr<Job> job) {
   asio::post(pool_->pool, [this] { run_next(); });
 }
 
+// Takes the most urgent job for a free worker. Queued fetches of the same
+// priority go along with a fetch, as one pipelined source call, up to
+// kMaxBatch jobs and max_request bytes, and no more than their share of the
+// free workers. Background jobs leave one worker to readers.
 void FetchEngine::run_next() {
-  std::shared_ptr<Job> job;
+  constexpr size_t kMaxBatch = 32;
+  std::vector<std::shared_ptr<Job>> batch;
+  bool background = false;
   {
     std::lock_guard lock(queue_mutex_);
     if (running_ >= workers_) return;  // a job that ends posts run_next again
-    for (auto& q : queues_) {
-      while (!q.empty() && !job) {
-        auto j = std::move(q.front());
+    const unsigned free = workers_ - running_;
+    for (size_t p = 0; p < kPriorityCount && batch.empty(); ++p) {
+      background = p == static_cast<size_t>(Priority::kBackground);
+      if (background && workers_ > 1 && running_background_ >= workers_ - 1) break;
+      auto& q = queues_[p];
+      const size_t share = std::min(kMaxBatch, (q.size() + free - 1) / free);
+      uint64_t bytes = 0;
+      while (!q.empty() && batch.size() < std::max<size_t>(1, share)) {
+        auto& j = q.front();
+        if (j->started.load()) {
+          q.pop_front();  // a duplicate entry of a job that already ran
+          continue;
+        }
+        if (!batch.empty() &&
+            (j->kind != Job::Kind::kFetch || batch[0]->kind != Job::Kind::kFetch ||
+             bytes + j->range.size() > options_.max_request)) {
+          break;
+        }
+        j->started = true;
+        bytes += j->range.size();
+        batch.push_back(std::move(j));
         q.pop_front();
-        if (!j->started.exchange(true)) job = std::move(j);
       }
-      if (job) break;
     }
-    if (!job) return;  // a duplicate entry of a job that already ran
+    if (batch.empty()) return;
     ++running_;
+    if (background) ++running_background_;
   }
-  switch (job->kind) {
+  switch (batch[0]->kind) {
     case Job::Kind::kStat:
-      run_stat(job);
+      run_stat(batch[0]);
       break;
     case Job::Kind::kStatMany:
-      run_stat_many(job);
+      run_stat_many(batch[0]);
       break;
     case Job::Kind::kFetch:
-      run_fetch(job);
+      run_fetches(batch);
       break;
   }
   bool more = false;
   {
     std::lock_guard lock(queue_mutex_);
     --running_;
+    if (background) --running_background_;
     for (const auto& q : queues_) more = more || !q.empty();
   }
   if (more) asio::post(pool_->pool, [this] { run_next(); });
@@ -493,59 +517,87 @@ void FetchEngine::run_stat(const std::shared_ptr<Job>& job) {
   on_validated(*job->file, status, st);
 }
 
-void FetchEngine::run_fetch(const std::shared_ptr<Job>& job) {
-  File& f = *job->file;
-  const Range r = job->range;
-  const uint64_t bs = options_.block_size;
+// What one fetch job of a batch has stored so far.
+struct FetchEngine::Landing {
+  std::shared_ptr<Job> job;
+  CacheFile* cache = nullptr;
+  uint64_t landed = 0;  // bytes in [range.begin, landed) are stored
+  uint64_t woken = 0;   // blocks in [range.begin, woken) are announced
+  Status cache_error;
+};
+
+// Runs a batch of fetch jobs as one source call: a source with round trips
+// pipelines them (many small files over one SFTP session).
+void FetchEngine::run_fetches(const std::vector<std::shared_ptr<Job>>& batch) {
+  std::vector<Landing> landings(batch.size());
+  std::vector<Source::ReadRange> ranges;
+  ranges.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Landing& l = landings[i];
+    l.job = batch[i];
+    File& f = *l.job->file;
+    {
+      std::lock_guard lock(f.mutex);
+      l.cache = f.cache;
+    }
+    const Range r = l.job->range;
+    l.landed = l.woken = r.begin;
+    ranges.push_back(
+        {f.path, r.begin, r.size(),
+         [this, &l](uint64_t at, std::span<const std::byte> data) { store_chunk(l, at, data); }});
+  }
   const auto t0 = Clock::now();
-  CacheFile* cache;
+  source_->read_many(ranges, [&](size_t i, const Status& status) {
+    record_latency(Clock::now() - t0);
+    ++counters_->fetch_requests;
+    end_fetch(landings[i], status);
+  });
+}
+
+// Stores a chunk of a fetch and wakes whoever waits on the blocks that just
+// became whole.
+void FetchEngine::store_chunk(Landing& l, uint64_t at, std::span<const std::byte> data) {
+  if (!l.cache_error.ok()) return;
+  if (auto st = l.cache->write_fetched(at, data); !st.ok()) {
+    l.cache_error = st;
+    return;
+  }
+  File& f = *l.job->file;
+  const Range r = l.job->range;
+  l.landed = at + data.size();
+  f.fetched_bytes += data.size();
+  counters_->fetched_bytes += data.size();
+  const uint64_t done_to = l.landed >= r.end ? r.end : align_down(l.landed, options_.block_size);
+  if (done_to <= l.woken) return;
+  std::vector<Completion> ready;
   {
     std::lock_guard lock(f.mutex);
-    cache = f.cache;
+    f.inflight.erase({l.woken, done_to});
+    for (auto it = f.waiters.begin(); it != f.waiters.end();) {
+      if (overlaps(it->range, {l.woken, done_to}) && f.cache->present(it->range)) {
+        ready.push_back(std::move(it->done));
+        it = f.waiters.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
-  uint64_t landed = r.begin;  // bytes in [r.begin, landed) are stored
-  uint64_t woken = r.begin;   // blocks in [r.begin, woken) are announced
-  Status cache_error;
-  Status status =
-      source_->read(f.path, r.begin, r.size(), [&](uint64_t at, std::span<const std::byte> data) {
-        if (!cache_error.ok()) return;
-        if (auto st = cache->write_fetched(at, data); !st.ok()) {
-          cache_error = st;
-          return;
-        }
-        landed = at + data.size();
-        f.fetched_bytes += data.size();
-        counters_->fetched_bytes += data.size();
-        const uint64_t done_to = landed >= r.end ? r.end : align_down(landed, bs);
-        if (done_to > woken) {
-          // Wake whoever waits on the blocks that just became whole.
-          std::vector<Completion> ready;
-          {
-            std::lock_guard lock(f.mutex);
-            f.inflight.erase({woken, done_to});
-            for (auto it = f.waiters.begin(); it != f.waiters.end();) {
-              if (overlaps(it->range, {woken, done_to}) && f.cache->present(it->range)) {
-                ready.push_back(std::move(it->done));
-                it = f.waiters.erase(it);
-              } else {
-                ++it;
-              }
-            }
-          }
-          woken = done_to;
-          for (auto& c : ready) c({});
-        }
-      });
-  record_latency(Clock::now() - t0);
-  ++counters_->fetch_requests;
+  l.woken = done_to;
+  for (auto& c : ready) c({});
+}
 
-  if (!cache_error.ok()) {
-    status = Status::permanent(EIO, fmt::format("cache write failed: {}", cache_error.message()));
-  } else if (status.ok() && woken < r.end) {
+// A fetch ended: done, retried later, or its waiters fail.
+void FetchEngine::end_fetch(Landing& l, Status status) {
+  const auto& job = l.job;
+  File& f = *job->file;
+  const Range r = job->range;
+  if (!l.cache_error.ok()) {
+    status = Status::permanent(EIO, fmt::format("cache write failed: {}", l.cache_error.message()));
+  } else if (status.ok() && l.woken < r.end) {
     // The source ended before the size it reported: the file changed.
     status = Status::permanent(EIO, fmt::format("{} ended at {} on {} but should be longer: it "
                                                 "changed on the source",
-                                                f.path, landed, source_->describe()));
+                                                f.path, l.landed, source_->describe()));
   }
   if (status.ok()) {
     std::lock_guard lock(f.mutex);
@@ -553,7 +605,7 @@ void FetchEngine::run_fetch(const std::shared_ptr<Job>& job) {
     --counters_->inflight;
     return;
   }
-  job->range = {woken, r.end};
+  job->range = {l.woken, r.end};
   if (retry_later(job, status)) return;
   {
     std::lock_guard lock(f.mutex);

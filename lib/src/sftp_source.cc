@@ -42,6 +42,8 @@
 #include <set>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
+#include <utility>
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/log.h"
@@ -88,6 +90,10 @@ constexpr uint32_t kReadRequest = 64 * 1024;
 // READs outstanding at once on one session: 2 MiB in flight covers the
 // bandwidth-delay product of a LAN and keeps loopback CPU-bound.
 constexpr size_t kReadsInFlight = 32;
+// Files open at once on one session when many small ranges are read together
+// (read_many): their OPENs go out back to back, so a batch of small files
+// costs about one round trip, not two per file.
+constexpr size_t kFilesInFlight = 32;
 // The SSH channel's receive window. Larger than all reads in flight, so the
 // server never waits for a window adjustment.
 constexpr unsigned kChannelWindow = 16 * 1024 * 1024;
@@ -412,6 +418,43 @@ Status tcp_connect(const Settings& s, UniqueFd& out) {
       last_error, fmt::format("cannot connect to {}: {}", s.login, errno_text(last_error)));
 }
 
+// A READ covering [offset, offset + length), re-sent for the rest after a
+// short DATA; `held` keeps bytes that arrived before those in front.
+struct PendingRead {
+  uint32_t id = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  uint32_t received = 0;
+  std::vector<std::byte> held;
+  bool done = false;
+  bool eof = false;
+};
+
+// One range of one file being read: its OPEN (unless the session has the file
+// open already), its READs and its CLOSE.
+struct Transfer {
+  enum class Step { kWaiting, kOpening, kReading, kDone };
+  Transfer(std::string remote_path, uint64_t offset, uint64_t length, const ChunkSink& s)
+      : remote(std::move(remote_path)),
+        end(length > UINT64_MAX - offset ? UINT64_MAX : offset + length),
+        next(offset),
+        sink(&s) {}
+
+  std::string remote;
+  uint64_t end;   // one past the last byte wanted
+  uint64_t next;  // the first byte not yet asked for
+  const ChunkSink* sink;
+  Step step = Step::kWaiting;
+  bool keep = false;  // the session keeps the file open afterwards
+  uint32_t open_id = 0;
+  std::string handle;
+  std::deque<PendingRead> reads;  // READs not yet handed on, in offset order
+  bool eof = false;               // a READ met the end: ask for nothing further
+  bool past_end = false;          // the front met the end: deliver nothing further
+  Status failure;                 // the server refused the OPEN or a READ
+  uint64_t delivered = 0;         // bytes handed to the sink
+};
+
 // One SSH session with one SFTP channel. Not thread-safe: owned by whoever
 // checked it out of the pool.
 class Session {
@@ -436,23 +479,16 @@ class Session {
   // `delivered` counts the bytes handed to `sink`, even on failure.
   Status read(const std::string& remote, uint64_t offset, uint64_t length, const ChunkSink& sink,
               uint64_t& delivered);
+  // Many ranges, pipelined; `done` runs for each transfer that ends. A
+  // non-ok return means the session broke: transfers without `done` are
+  // left to the caller.
+  Status read_many(std::span<Transfer> transfers, const Source::ReadDone& done);
 
  private:
   struct Reply {
     uint8_t type = 0;
     uint32_t id = 0;
     std::span<const std::byte> body;  // after the id; valid until the next receive
-  };
-  // A READ covering [offset, offset + length), re-sent for the rest after a
-  // short DATA; `held` keeps bytes that arrived before those in front.
-  struct PendingRead {
-    uint32_t id = 0;
-    uint64_t offset = 0;
-    uint32_t length = 0;
-    uint32_t received = 0;
-    std::vector<std::byte> held;
-    bool done = false;
-    bool eof = false;
   };
 
   void prefer_known_key_types(const KnownHosts& known);
@@ -469,11 +505,12 @@ class Session {
   Status receive(Reply& reply);
   Status call(const Outgoing& out, uint32_t id, Reply& reply);
 
-  Status reopen(const std::string& remote);
-  Status close_file(const std::string& handle);
-  Status read_handle(const std::string& remote, const std::string& handle, uint64_t offset,
-                     uint64_t length, const ChunkSink& sink, uint64_t& delivered);
+  Status run_transfers(std::span<Transfer> transfers, const std::vector<std::string>& close_first,
+                       const Source::ReadDone& done);
+  Status on_read_reply(Transfer& t, const Reply& reply);
+  void deliver_front(Transfer& t);
   void queue_read(Outgoing& out, const std::string& handle, const PendingRead& p);
+  uint32_t queue_close(Outgoing& out, const std::string& handle);
 
   const Settings& s_;
   UniqueFd fd_;
@@ -919,23 +956,6 @@ Status Session::stat(const std::string& remote, SourceStat& out) {
   return {};
 }
 
-Status Session::close_file(const std::string& handle) {
-  Outgoing req;
-  uint32_t id = next_id_++;
-  req.begin(kFxpClose);
-  req.u32(id);
-  req.str(handle);
-  req.end();
-  Reply reply;
-  auto st = call(req, id, reply);
-  if (!st.ok()) return st;
-  if (reply.type != kFxpStatus)
-    return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
-  Fields f(reply.body);
-  if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
-  return {};
-}
-
 void Session::queue_read(Outgoing& out, const std::string& handle, const PendingRead& p) {
   out.begin(kFxpRead);
   out.u32(p.id);
@@ -945,164 +965,239 @@ void Session::queue_read(Outgoing& out, const std::string& handle, const Pending
   out.end();
 }
 
-// The session keeps the file of its last read open, so further reads of it
-// cost no OPEN and CLOSE round trips; moving to another file sends the CLOSE
-// of the old and the OPEN of the new together (the server answers in order).
-Status Session::reopen(const std::string& remote) {
-  Outgoing out;
-  uint32_t close_id = 0;
-  if (!open_handle_.empty()) {
-    close_id = next_id_++;
-    out.begin(kFxpClose);
-    out.u32(close_id);
-    out.str(open_handle_);
-    out.end();
-  }
-  const uint32_t open_id = next_id_++;
-  out.begin(kFxpOpen);
-  out.u32(open_id);
-  out.str(remote);
-  out.u32(kFxfRead);
-  out.u32(0);  // no attributes
+uint32_t Session::queue_close(Outgoing& out, const std::string& handle) {
+  const uint32_t id = next_id_++;
+  out.begin(kFxpClose);
+  out.u32(id);
+  out.str(handle);
   out.end();
-  open_path_.clear();
-  open_handle_.clear();
-  auto st = send(out);
-  if (!st.ok()) return st;
-  Reply reply;
-  if (close_id) {
-    st = receive(reply);
-    if (!st.ok()) return st;
-    if (reply.id != close_id || reply.type != kFxpStatus) {
-      return protocol_error(
-          fmt::format("CLOSE {} answered by {} for {}", close_id, reply.type, reply.id));
-    }
-  }
-  st = receive(reply);
-  if (!st.ok()) return st;
-  if (reply.id != open_id) {
-    return protocol_error(fmt::format("reply to {} while waiting for {}", reply.id, open_id));
-  }
-  Fields f(reply.body);
-  if (reply.type == kFxpStatus) return status_error(f, remote);
-  if (reply.type != kFxpHandle) {
-    return protocol_error(fmt::format("OPEN answered by {}", reply.type));
-  }
-  std::string handle = f.str();
-  if (!f.ok() || handle.empty()) return protocol_error("bad HANDLE");
-  open_path_ = remote;
-  open_handle_ = std::move(handle);
-  return {};
+  return id;
 }
 
+// A single read keeps its file open afterwards, so further reads of it cost
+// no OPEN and CLOSE round trips; moving to another file sends the CLOSE of
+// the old one together with the OPEN of the new.
 Status Session::read(const std::string& remote, uint64_t offset, uint64_t length,
                      const ChunkSink& sink, uint64_t& delivered) {
-  delivered = 0;
-  if (open_path_ != remote || open_handle_.empty()) {
-    auto st = reopen(remote);
-    if (!st.ok()) return st;
-  }
-  auto result = read_handle(remote, open_handle_, offset, length, sink, delivered);
-  if (!result.ok() && !broken_) {
-    // The server refused a READ: do not keep a handle in doubt.
-    std::string handle = std::move(open_handle_);
-    open_handle_.clear();
+  Transfer t(remote, offset, length, sink);
+  t.keep = true;
+  std::vector<std::string> close_first;
+  if (open_path_ == remote && !open_handle_.empty()) {
+    t.handle = open_handle_;
+    t.step = Transfer::Step::kReading;
+  } else if (!open_handle_.empty()) {
+    close_first.push_back(std::exchange(open_handle_, {}));
     open_path_.clear();
-    auto st = close_file(handle);
-    if (!st.ok()) return st;
   }
-  return result;
+  Status result;
+  auto st = run_transfers(std::span(&t, 1), close_first,
+                          [&](size_t, const Status& status) { result = status; });
+  delivered = t.delivered;
+  return st.ok() ? result : st;
 }
 
-// Keeps up to kReadsInFlight READs outstanding over [offset, offset+length)
-// and hands bytes to `sink` in order as soon as the ones before them are in.
-// Every reply is drained even after a failure, so the session stays usable.
-Status Session::read_handle(const std::string& remote, const std::string& handle, uint64_t offset,
-                            uint64_t length, const ChunkSink& sink, uint64_t& delivered) {
-  const uint64_t end = length > UINT64_MAX - offset ? UINT64_MAX : offset + length;
-  std::deque<PendingRead> pending;
-  uint64_t next = offset;
-  bool eof = false;       // a READ met the end: ask for nothing further
-  bool past_end = false;  // the front met the end: deliver nothing further
-  Status failure;         // the server refused a READ
+Status Session::read_many(std::span<Transfer> transfers, const Source::ReadDone& done) {
+  // The file this session keeps open serves the first range of it directly.
+  for (auto& t : transfers) {
+    if (t.remote == open_path_ && !open_handle_.empty()) {
+      t.handle = open_handle_;
+      t.keep = true;
+      t.step = Transfer::Step::kReading;
+      break;
+    }
+  }
+  return run_transfers(transfers, {}, done);
+}
+
+// Runs every transfer's OPEN, READs and CLOSE, pipelined: up to
+// kFilesInFlight files open at once and kReadsInFlight READs outstanding over
+// all of them, earlier transfers' READs first. Bytes go to each transfer's
+// sink in order as soon as the ones before them are in; `done` runs for each
+// transfer once its last byte was delivered or it failed. Every reply is
+// drained even after a failure, so the session stays usable; only a broken
+// stream returns early (with the transfers not yet done left to the caller).
+Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::string>& close_first,
+                              const Source::ReadDone& done) {
+  constexpr size_t kClose = SIZE_MAX;          // owner of a CLOSE's reply
+  std::unordered_map<uint32_t, size_t> owner;  // request id -> transfer index
+  std::vector<size_t> active;                  // opening or reading, in order
+  size_t next_open = 0;
+  size_t reads_in_flight = 0;
   Outgoing out;
   Reply reply;
-  auto deliver = [&](uint64_t at, std::span<const std::byte> data) {
-    sink(at, data);
-    delivered += data.size();
+  for (const auto& h : close_first) owner[queue_close(out, h)] = kClose;
+
+  auto finish = [&](size_t i) {
+    Transfer& t = ts[i];
+    t.step = Transfer::Step::kDone;
+    if (!t.handle.empty() && (!t.keep || !t.failure.ok())) {
+      // A refused READ leaves the handle in doubt: it is not kept.
+      if (t.keep && open_handle_ == t.handle) {
+        open_handle_.clear();
+        open_path_.clear();
+      }
+      owner[queue_close(out, t.handle)] = kClose;
+    }
+    std::erase(active, i);
+    done(i, t.failure);
   };
+
   while (true) {
-    while (!eof && failure.ok() && next < end && pending.size() < kReadsInFlight) {
-      PendingRead p;
-      p.id = next_id_++;
-      p.offset = next;
-      p.length = static_cast<uint32_t>(std::min<uint64_t>(kReadRequest, end - next));
-      queue_read(out, handle, p);
-      next += p.length;
-      pending.push_back(std::move(p));
+    for (; next_open < ts.size() && active.size() < kFilesInFlight; ++next_open) {
+      Transfer& t = ts[next_open];
+      if (t.step == Transfer::Step::kWaiting) {
+        t.open_id = next_id_++;
+        out.begin(kFxpOpen);
+        out.u32(t.open_id);
+        out.str(t.remote);
+        out.u32(kFxfRead);
+        out.u32(0);  // no attributes
+        out.end();
+        owner[t.open_id] = next_open;
+        t.step = Transfer::Step::kOpening;
+      }
+      if (t.step != Transfer::Step::kDone) active.push_back(next_open);
+    }
+    for (size_t k = 0; k < active.size();) {
+      const size_t i = active[k];
+      Transfer& t = ts[i];
+      if (t.step == Transfer::Step::kReading) {
+        while (!t.eof && t.failure.ok() && t.next < t.end && reads_in_flight < kReadsInFlight) {
+          PendingRead p;
+          p.id = next_id_++;
+          p.offset = t.next;
+          p.length = static_cast<uint32_t>(std::min<uint64_t>(kReadRequest, t.end - t.next));
+          queue_read(out, t.handle, p);
+          owner[p.id] = i;
+          t.next += p.length;
+          t.reads.push_back(std::move(p));
+          ++reads_in_flight;
+        }
+        const bool asked_all = t.eof || !t.failure.ok() || t.next >= t.end;
+        if (asked_all && t.reads.empty()) {
+          finish(i);  // removes it from `active`
+          continue;
+        }
+      }
+      ++k;
     }
     if (!out.empty()) {
       auto st = send(out);
       out.clear();
       if (!st.ok()) return st;
     }
-    if (pending.empty()) break;
+    if (owner.empty()) break;
 
     auto st = receive(reply);
     if (!st.ok()) return st;
-    auto it = std::find_if(pending.begin(), pending.end(),
-                           [&](const PendingRead& p) { return p.id == reply.id && !p.done; });
-    if (it == pending.end())
+    auto o = owner.find(reply.id);
+    if (o == owner.end())
       return protocol_error(fmt::format("reply to unknown request {}", reply.id));
-    PendingRead& p = *it;
+    const size_t i = o->second;
+    owner.erase(o);
     Fields f(reply.body);
-    if (reply.type == kFxpData) {
-      auto data = f.bytes();
-      if (!f.ok() || data.empty() || data.size() > p.length - p.received) {
-        return protocol_error(
-            fmt::format("DATA of {} bytes for a READ of {}", data.size(), p.length - p.received));
+    if (i == kClose) {
+      if (reply.type != kFxpStatus) {
+        return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
       }
-      const bool usable = failure.ok() && !past_end;
-      if (usable && it == pending.begin() && p.held.empty()) {
-        deliver(p.offset + p.received, data);
-      } else if (usable) {
-        p.held.insert(p.held.end(), data.begin(), data.end());
-      }
-      p.received += static_cast<uint32_t>(data.size());
-      if (p.received == p.length || !usable) {
-        p.done = true;
-      } else {
-        // A short DATA is not the end of the file: ask for the rest.
-        p.id = next_id_++;
-        queue_read(out, handle, p);
-      }
-    } else if (reply.type == kFxpStatus) {
-      uint32_t code = f.u32();
-      p.done = true;
-      if (code == kFxEof) {
-        p.eof = true;
-        eof = true;
-      } else if (failure.ok()) {
-        Fields again(reply.body);
-        failure = status_error(again, remote);
-        if (broken_) return failure;
-      }
-    } else {
-      return protocol_error(fmt::format("READ answered by {}", reply.type));
+      if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
+      continue;
     }
-
-    while (!pending.empty()) {
-      auto& front = pending.front();
-      if (!front.held.empty() && failure.ok() && !past_end) {
-        deliver(front.offset + front.received - front.held.size(), front.held);
-        front.held.clear();
+    Transfer& t = ts[i];
+    if (t.step == Transfer::Step::kOpening) {
+      if (reply.type == kFxpStatus) {
+        t.failure = status_error(f, t.remote);
+        if (broken_) return t.failure;
+        finish(i);
+        continue;
       }
-      if (!front.done) break;
-      if (front.eof || front.received < front.length) past_end = true;
-      pending.pop_front();
+      if (reply.type != kFxpHandle) {
+        return protocol_error(fmt::format("OPEN answered by {}", reply.type));
+      }
+      t.handle = f.str();
+      if (!f.ok() || t.handle.empty()) return protocol_error("bad HANDLE");
+      t.step = Transfer::Step::kReading;
+      if (t.keep) {
+        open_path_ = t.remote;
+        open_handle_ = t.handle;
+      }
+      continue;
     }
+    st = on_read_reply(t, reply);
+    if (!st.ok()) return st;
+    // A short DATA asks again for the rest, under a new id.
+    for (const auto& p : t.reads) {
+      if (!p.done && !owner.contains(p.id)) {
+        queue_read(out, t.handle, p);
+        owner[p.id] = i;
+      }
+    }
+    size_t before = t.reads.size();
+    deliver_front(t);
+    reads_in_flight -= before - t.reads.size();
   }
-  return failure;
+  return {};
+}
+
+// Handles a READ's reply: DATA is handed on (or held until the bytes before
+// it are in), EOF ends the asking, another STATUS is the transfer's failure.
+Status Session::on_read_reply(Transfer& t, const Reply& reply) {
+  auto it = std::find_if(t.reads.begin(), t.reads.end(),
+                         [&](const PendingRead& p) { return p.id == reply.id && !p.done; });
+  if (it == t.reads.end()) {
+    return protocol_error(fmt::format("reply to unknown request {}", reply.id));
+  }
+  PendingRead& p = *it;
+  Fields f(reply.body);
+  if (reply.type == kFxpData) {
+    auto data = f.bytes();
+    if (!f.ok() || data.empty() || data.size() > p.length - p.received) {
+      return protocol_error(
+          fmt::format("DATA of {} bytes for a READ of {}", data.size(), p.length - p.received));
+    }
+    const bool usable = t.failure.ok() && !t.past_end;
+    if (usable && it == t.reads.begin() && p.held.empty()) {
+      (*t.sink)(p.offset + p.received, data);
+      t.delivered += data.size();
+    } else if (usable) {
+      p.held.insert(p.held.end(), data.begin(), data.end());
+    }
+    p.received += static_cast<uint32_t>(data.size());
+    if (p.received == p.length || !usable) {
+      p.done = true;
+    } else {
+      p.id = next_id_++;  // re-sent by the caller for the rest
+    }
+    return {};
+  }
+  if (reply.type != kFxpStatus) {
+    return protocol_error(fmt::format("READ answered by {}", reply.type));
+  }
+  p.done = true;
+  if (f.u32() == kFxEof) {
+    p.eof = true;
+    t.eof = true;
+  } else if (t.failure.ok()) {
+    Fields again(reply.body);
+    t.failure = status_error(again, t.remote);
+    if (broken_) return t.failure;
+  }
+  return {};
+}
+
+// Hands on the bytes held at the front and drops finished READs.
+void Session::deliver_front(Transfer& t) {
+  while (!t.reads.empty()) {
+    auto& front = t.reads.front();
+    if (!front.held.empty() && t.failure.ok() && !t.past_end) {
+      (*t.sink)(front.offset + front.received - front.held.size(), front.held);
+      t.delivered += front.held.size();
+      front.held.clear();
+    }
+    if (!front.done) break;
+    if (front.eof || front.received < front.length) t.past_end = true;
+    t.reads.pop_front();
+  }
 }
 
 class SftpSource final : public Source {
@@ -1150,6 +1245,42 @@ class SftpSource final : public Source {
                  delivered, st.errnum());
       return st;
     });
+  }
+
+  // Many ranges on one session, pipelined (see Session::run_transfers).
+  void read_many(std::span<const ReadRange> ranges, const ReadDone& done) override {
+    if (ranges.size() == 1) {
+      done(0, read(ranges[0].path, ranges[0].offset, ranges[0].length, ranges[0].sink));
+      return;
+    }
+    counters_.reads.fetch_add(ranges.size(), std::memory_order_relaxed);
+    std::vector<bool> finished(ranges.size(), false);
+    auto st = with_session([&](Session& session, bool& progressed) {
+      std::vector<Transfer> transfers;
+      std::vector<size_t> index;  // transfer -> range
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        if (finished[i]) continue;
+        transfers.emplace_back(remote_path(ranges[i].path), ranges[i].offset, ranges[i].length,
+                               ranges[i].sink);
+        index.push_back(i);
+      }
+      auto result = session.read_many(transfers, [&](size_t k, const Status& status) {
+        finished[index[k]] = true;
+        progressed = true;
+        done(index[k], status);
+      });
+      uint64_t delivered = 0;
+      for (const auto& t : transfers) delivered += t.delivered;
+      counters_.bytes_read.fetch_add(delivered, std::memory_order_relaxed);
+      progressed = progressed || delivered > 0;
+      log::debug(kLog, "read_many ranges={} got={} errno={}", transfers.size(), delivered,
+                 result.errnum());
+      return result;
+    });
+    if (st.ok()) return;
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      if (!finished[i]) done(i, st);
+    }
   }
 
   ~SftpSource() override {

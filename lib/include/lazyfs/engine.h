@@ -35,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -161,7 +162,10 @@ class FetchEngine {
                          Completion done);
   void enqueue(std::shared_ptr<Job> job);
   void run_next();
-  void run_fetch(const std::shared_ptr<Job>& job);
+  struct Landing;
+  void run_fetches(const std::vector<std::shared_ptr<Job>>& batch);
+  void store_chunk(Landing& l, uint64_t at, std::span<const std::byte> data);
+  void end_fetch(Landing& l, Status status);
   void run_stat(const std::shared_ptr<Job>& job);
   void run_stat_many(const std::shared_ptr<Job>& job);
   void abandon(const std::shared_ptr<Job>& job, const Status& status);
@@ -182,7 +186,8 @@ class FetchEngine {
   mutable std::mutex queue_mutex_;
   std::array<std::deque<std::shared_ptr<Job>>, kPriorityCount> queues_;  // guarded
   bool stopping_ = false;                                                // guarded
-  unsigned running_ = 0;  // guarded: jobs running now, at most workers_
+  unsigned running_ = 0;             // guarded: jobs running now, at most workers_
+  unsigned running_background_ = 0;  // guarded: of those, background ones
   unsigned workers_ = 1;
 
   struct Counters;

@@ -76,6 +76,28 @@ class Source {
   virtual Status read(const std::string& path, uint64_t offset, uint64_t length,
                       const ChunkSink& sink) = 0;
 
+  // One range of a read_many() call.
+  struct ReadRange {
+    std::string path;
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    ChunkSink sink;
+  };
+  using ReadDone = std::function<void(size_t index, const Status&)>;
+
+  // read() of several ranges (of one file or of many) in one call: `done(i,
+  // status)` runs once for each, in any order, on the calling thread, as soon
+  // as range i has been delivered or has failed. Sources with round trips
+  // pipeline them: over SFTP the OPEN, READs and CLOSE of many files are in
+  // flight at once on one connection, so a batch of small files costs about
+  // one round trip instead of two per file.
+  virtual void read_many(std::span<const ReadRange> ranges, const ReadDone& done) {
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      const auto& r = ranges[i];
+      done(i, read(r.path, r.offset, r.length, r.sink));
+    }
+  }
+
   // How many calls the source serves at once.
   virtual unsigned max_concurrency() const = 0;
 
