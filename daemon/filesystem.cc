@@ -258,6 +258,10 @@ void Filesystem::Impl::start_extras() {
   }
   std::set<std::string> unknown;
   std::set<FetchEngine::FileId> ordered;
+  // Queued together, in the trace's order, a record that continues the one
+  // before it (same file, adjacent or overlapping) joined to it: the engine
+  // sends them as few, pipelined source requests.
+  std::vector<FetchEngine::RangeRequest> prefetch;
   for (const auto& r : options.prefetch) {
     auto it = ids.find(r.path);
     if (it == ids.end()) {
@@ -268,9 +272,18 @@ void Filesystem::Impl::start_extras() {
       continue;
     }
     ++extras.prefetch_records;
-    engine->request(it->second, r.offset, r.length, Priority::kPrefetch, {});
     if (ordered.insert(it->second).second) trace_order.push_back(it->second);
+    if (!prefetch.empty()) {
+      auto& last = prefetch.back();
+      const uint64_t end = last.offset + last.length;
+      if (last.file == it->second && r.offset >= last.offset && r.offset <= end) {
+        last.length = std::max(end, r.offset + r.length) - last.offset;
+        continue;
+      }
+    }
+    prefetch.push_back({it->second, r.offset, r.length, {}});
   }
+  engine->request_many(std::move(prefetch), Priority::kPrefetch);
   if (options.fill) {
     FillOptions fill_options;
     fill_options.rate = options.fill_rate;

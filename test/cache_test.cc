@@ -71,7 +71,7 @@ std::vector<std::byte> local(uint64_t off, size_t len) {
   return v;
 }
 
-std::vector<uint8_t> read_data(const CacheFile& f, Range r) {
+std::vector<uint8_t> read_data(CacheFile& f, Range r) {
   std::vector<uint8_t> out(r.size());
   if (auto ec = lazyfs::pread_all(f.fd(), out.data(), out.size(), r.begin)) {
     FAIL(fmt::format("pread [{},{}): {}", r.begin, r.end, ec.message()));
@@ -87,7 +87,7 @@ unsigned mode_of(const fs::path& p) {
 
 // The bytes a file claims present, in order: what must survive a reopen.
 // (The data file may hold more: writes the map never recorded.)
-std::vector<uint8_t> claimed_bytes(const CacheFile& f) {
+std::vector<uint8_t> claimed_bytes(CacheFile& f) {
   std::vector<uint8_t> out;
   for (Range r : f.present_set().intersect({0, f.size()})) {
     auto part = read_data(f, r);
@@ -146,7 +146,7 @@ class LogCapture {
 // source's pattern, local bytes the local pattern or zeros. `mixed_from`:
 // bytes from there on may also hold a local write whose local mark a crash
 // lost (the write itself reached the page cache).
-void check_claims(const CacheFile& f, uint64_t mixed_from = kEnd) {
+void check_claims(CacheFile& f, uint64_t mixed_from = kEnd) {
   RangeSet local = f.local_set();
   for (Range r : f.present_set().intersect({0, f.size()})) {
     auto bytes = read_data(f, r);
@@ -231,10 +231,12 @@ TEST_CASE("cache: fetched bytes become present", "[cache]") {
   CHECK(f->present({5, 5}));
   CHECK(f->missing({0, 1000}) == std::vector<Range>{{0, 1000}});
   CHECK_FALSE(f->dirty());
-  CHECK(fs::file_size(data_of(base)) == 1000);
-  CHECK(mode_of(data_of(base)) == 0600);
+  // A cold file takes no disk until its first write.
+  CHECK_FALSE(fs::exists(data_of(base)));
 
   require_ok(f->write_fetched(100, fetched(100, 50)));
+  CHECK(fs::file_size(data_of(base)) == 1000);
+  CHECK(mode_of(data_of(base)) == 0600);
   CHECK(f->present({100, 150}));
   CHECK_FALSE(f->present({99, 150}));
   CHECK(f->missing({0, 1000}) == std::vector<Range>{{0, 100}, {150, 1000}});
@@ -494,7 +496,6 @@ TEST_CASE("cache: a damaged map starts cold and never claims bytes", "[cache]") 
     REQUIRE(f.present_set().empty());
     REQUIRE(f.local_set().empty());
     REQUIRE(f.size() == 4096);
-    REQUIRE(fs::file_size(data_of(base)) == 4096);
     REQUIRE(!fs::exists(map_of(base)));
   };
 
@@ -521,6 +522,14 @@ TEST_CASE("cache: a damaged map starts cold and never claims bytes", "[cache]") 
     map.push_back(0);
     auto f = reopen_with(map);
     require_cold(*f, "one byte appended");
+    // The old data file is emptied at the first write: none of its bytes
+    // can come back as present ones.
+    require_ok(f->write_fetched(100, fetched(100, 10)));
+    REQUIRE(fs::file_size(data_of(base)) == 4096);
+    auto data = lazyfs::test::read_bytes(data_of(base));
+    for (size_t i = 0; i < data.size(); ++i) {
+      if (i < 100 || i >= 110) REQUIRE(data[i] == 0);
+    }
   }
   CHECK(logs.has("discarding map"));
 }
@@ -1024,7 +1033,7 @@ TEST_CASE("cache: concurrent writes, truncates and flushes stay consistent", "[c
   INFO(first_error);
   REQUIRE_FALSE(failed);
 
-  auto check_file = [&](const CacheFile& file) {
+  auto check_file = [&](CacheFile& file) {
     RangeSet present = file.present_set();
     for (Range r : file.local_set().ranges()) REQUIRE(present.contains(r));
     REQUIRE(fs::file_size(dir / (cache->stem("/srv/c.bin") + ".data")) == file.size());

@@ -277,13 +277,6 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
   f->checkpoint_id_ = checkpoint_id;
   f->path_ = path;
   f->source_size_ = source_size;
-  f->fd_ =
-      UniqueFd(::open(f->data_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, kFileMode));
-  if (!f->fd_) {
-    status =
-        io_status(last_errno(), fmt::format("cannot open cache file {}", f->data_path_.string()));
-    return nullptr;
-  }
   {
     std::lock_guard lock(f->mutex_);
     status = f->load_map_locked();
@@ -311,6 +304,10 @@ Status CacheFile::load_map_locked() {
     std::string_view file(reinterpret_cast<const char*>(raw.data()), raw.size());
     MapContents expect{checkpoint_id_, path_, source_size_, 0, {}, {}};
     problem = decode_map(file, expect, m);
+    if (!problem) {
+      fd_ = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+      if (!fd_) problem = "cannot open the data file: " + last_errno().message();
+    }
     struct stat st;
     if (!problem && ::fstat(fd_.get(), &st) != 0) problem = "cannot stat the data file";
     if (!problem && static_cast<uint64_t>(st.st_size) < m.size) {
@@ -345,14 +342,37 @@ Status CacheFile::load_map_locked() {
       return io_status(dir_ec, fmt::format("cannot sync {}", map_path_.parent_path().string()));
     }
   }
-  if (::ftruncate(fd_.get(), 0) != 0 ||
-      ::ftruncate(fd_.get(), static_cast<off_t>(source_size_)) != 0) {
-    return io_status(last_errno(), fmt::format("cannot truncate {}", data_path_.string()));
-  }
+  // Cold: the data file is made (emptied, if one is left) at the first
+  // write, so a file that is never read costs no disk.
+  fd_.reset();
   size_ = source_size_;
   present_.clear();
   local_.clear();
   return {};
+}
+
+// Creates the data file of a cold cache file: empty, then sparse to size_.
+Status CacheFile::ensure_data_locked() {
+  if (fd_) return {};
+  UniqueFd fd(
+      ::open(data_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, kFileMode));
+  if (!fd) {
+    return io_status(last_errno(), fmt::format("cannot create cache file {}", data_path_.string()));
+  }
+  if (::ftruncate(fd.get(), static_cast<off_t>(size_)) != 0) {
+    return io_status(last_errno(), fmt::format("cannot size {}", data_path_.string()));
+  }
+  fd_ = std::move(fd);
+  return {};
+}
+
+int CacheFile::fd() {
+  std::lock_guard lock(mutex_);
+  if (auto st = ensure_data_locked(); !st.ok()) {
+    log::error("cache", "{}", st.message());
+    return -1;
+  }
+  return fd_.get();
 }
 
 std::string CacheFile::serialize_locked() const {
@@ -417,6 +437,7 @@ Status CacheFile::write_fetched(uint64_t offset, std::span<const std::byte> data
   bool changed = false;
   Status status;
   for (Range m : present_.missing({offset, std::min(end, size_)})) {
+    if (status = ensure_data_locked(); !status.ok()) break;
     if (auto ec = pwrite_all(fd_.get(), data.data() + (m.begin - offset), m.size(), m.begin)) {
       status = io_status(ec, fmt::format("cache write {} off={} len={}", path_, m.begin, m.size()));
       break;
@@ -435,6 +456,7 @@ Status CacheFile::write_local(uint64_t offset, std::span<const std::byte> data) 
   }
   uint64_t end = offset + data.size();
   std::lock_guard lock(mutex_);
+  if (auto st = ensure_data_locked(); !st.ok()) return st;
   if (auto ec = pwrite_all(fd_.get(), data.data(), data.size(), offset)) {
     // Part of the write may have landed. Bytes that were fetched no longer
     // hold the source's value: forget them so that they are fetched again.
@@ -477,6 +499,7 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   std::lock_guard flush_lock(flush_mutex_);
   std::lock_guard lock(mutex_);
   if (new_size == size_) return {};
+  if (auto st = ensure_data_locked(); !st.ok()) return st;
   if (new_size > size_) {
     if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
       return io_status(last_errno(), fmt::format("cache truncate {} to {}", path_, new_size));
@@ -515,13 +538,15 @@ Status CacheFile::flush() {
   std::lock_guard flush_lock(flush_mutex_);
   std::string map;
   uint64_t generation = 0;
+  int fd = -1;
   {
     std::lock_guard lock(mutex_);
     if (generation_ == flushed_generation_) return {};
     generation = generation_;
     map = serialize_locked();
+    fd = fd_.get();  // set: every change wrote to it
   }
-  if (Status status = commit_map(fd_.get(), map_path_, map); !status.ok()) return status;
+  if (Status status = commit_map(fd, map_path_, map); !status.ok()) return status;
   std::lock_guard lock(mutex_);
   flushed_generation_ = generation;
   return {};

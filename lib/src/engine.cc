@@ -212,9 +212,12 @@ void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
   std::vector<std::string> paths;
   paths.reserve(job->batch.size());
   for (File* f : job->batch) paths.push_back(f->path);
+  const auto t0 = Clock::now();
   source_->stat_many(paths, [&](size_t i, const Status& status, const SourceStat& st) {
     on_validated(*job->batch[i], status, st);
   });
+  log::debug("engine", "validated files={} ms={:.1f}", paths.size(),
+             std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
 }
 
 void FetchEngine::start_validation(File& f) {
@@ -285,13 +288,29 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
 
 void FetchEngine::request(FileId id, uint64_t offset, uint64_t length, Priority priority,
                           Completion done) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  request_into(id, offset, length, priority, std::move(done), jobs);
+  enqueue_all(std::move(jobs));
+}
+
+void FetchEngine::request_many(std::vector<RangeRequest> requests, Priority priority) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  for (auto& r : requests)
+    request_into(r.file, r.offset, r.length, priority, std::move(r.done), jobs);
+  enqueue_all(std::move(jobs));
+}
+
+// request(), with the fetch jobs it plans appended to `jobs` for the caller
+// to enqueue (a request waiting for its file's validation enqueues its own).
+void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Priority priority,
+                               Completion done, std::vector<std::shared_ptr<Job>>& jobs) {
   File& f = *files_.at(id);
   ++counters_->requests;
   std::unique_lock lock(f.mutex);
   switch (f.state) {
     case File::State::kReady:
       lock.unlock();
-      request_validated(f, offset, length, priority, std::move(done));
+      request_validated(f, offset, length, priority, std::move(done), jobs);
       return;
     case File::State::kStale: {
       auto st = f.stale_status;
@@ -307,7 +326,9 @@ void FetchEngine::request(FileId id, uint64_t offset, uint64_t length, Priority 
         std::unique_lock l(f.mutex);
         if (f.state == File::State::kReady) {
           l.unlock();
-          request_validated(f, offset, length, priority, std::move(done));
+          std::vector<std::shared_ptr<Job>> later;
+          request_validated(f, offset, length, priority, std::move(done), later);
+          enqueue_all(std::move(later));
         } else {
           auto st = f.state == File::State::kStale
                         ? f.stale_status
@@ -324,8 +345,8 @@ void FetchEngine::request(FileId id, uint64_t offset, uint64_t length, Priority 
 }
 
 void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, Priority priority,
-                                    Completion done) {
-  std::vector<std::shared_ptr<Job>> jobs;
+                                    Completion done, std::vector<std::shared_ptr<Job>>& jobs) {
+  const size_t planned = jobs.size();
   bool hit = false;
   {
     std::lock_guard lock(f.mutex);
@@ -343,8 +364,10 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
       }
       if (!hit) {
         plan_fetches_locked(f, want, priority, jobs);
-        if (priority == Priority::kDemand) {
-          ++counters_->demand_misses;
+        if (priority == Priority::kDemand) ++counters_->demand_misses;
+        // A reader that needs a fetch nobody had started: background work
+        // gives way. One that waits for bytes already on their way does not.
+        if (priority == Priority::kDemand && jobs.size() > planned) {
           counters_->last_demand_miss_ns.store(
               std::chrono::duration_cast<std::chrono::nanoseconds>(
                   std::chrono::steady_clock::now().time_since_epoch())
@@ -355,7 +378,6 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
       if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
     }
   }
-  for (auto& j : jobs) enqueue(std::move(j));
   if (hit) {
     ++counters_->cache_hits;
     if (done) done({});
@@ -433,21 +455,34 @@ void FetchEngine::plan_fetches_locked(File& f, Range range, Priority priority,
 }
 
 void FetchEngine::enqueue(std::shared_ptr<Job> job) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  jobs.push_back(std::move(job));
+  enqueue_all(std::move(jobs));
+}
+
+// Queues jobs together, so that workers find them all and can send them as
+// few batches.
+void FetchEngine::enqueue_all(std::vector<std::shared_ptr<Job>> jobs) {
+  if (jobs.empty()) return;
+  bool stopping;
   {
     std::lock_guard lock(queue_mutex_);
-    if (stopping_) {
-      job->started = true;
-      // Fall through to fail it below, outside the lock.
-    } else {
-      queues_[static_cast<size_t>(job->priority.load())].push_back(std::move(job));
-      job = nullptr;
+    stopping = stopping_;
+    for (auto& job : jobs) {
+      if (stopping) {
+        job->started = true;  // failed below, outside the lock
+      } else {
+        queues_[static_cast<size_t>(job->priority.load())].push_back(job);
+      }
     }
   }
-  if (job) {
-    abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
+  if (stopping) {
+    for (auto& job : jobs) abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
     return;
   }
-  asio::post(pool_->pool, [this] { run_next(); });
+  for (size_t i = 0; i < std::min<size_t>(jobs.size(), workers_); ++i) {
+    asio::post(pool_->pool, [this] { run_next(); });
+  }
 }
 
 // Takes the most urgent job for a free worker. Queued fetches of the same

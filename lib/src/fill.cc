@@ -27,7 +27,7 @@ const char* fill_state_name(FillState state) {
 BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
     : engine_(engine),
       options_(std::move(options)),
-      max_in_flight_(std::max(1u, engine.workers() - 1)),
+      max_in_flight_(std::max(1u, engine.workers() - 1) * kRequestsPerWorker),
       started_(Clock::now()),
       last_issue_(started_) {
   const uint64_t bs = engine_.options().block_size;
@@ -37,6 +37,7 @@ BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
   // means to leave to readers.
   options_.chunk = std::min(options_.chunk, engine_.options().max_request);
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
+  max_bytes_in_flight_ = std::max(1u, engine.workers() - 1) * options_.chunk;
   thread_ = std::thread([this] { run(); });
 }
 
@@ -80,55 +81,61 @@ void BackgroundFill::run() {
     FetchEngine::FileId id;
     uint64_t size;
   };
+  // Sizes are the checkpoint's, so the fill starts at once, while the mount
+  // is still validating files; a file recorded without one is validated
+  // first.
   std::vector<Item> items;
   for (auto id : order) {
-    // Validated at mount start (or now): the size may come from the source.
-    std::mutex m;
-    std::condition_variable cv;
-    bool done = false;
-    Status status;
-    uint64_t size = 0;
-    engine_.file_info(id, [&](const Status& st, const FileInfo& info) {
-      std::lock_guard lock(m);
-      status = st;
+    auto size = engine_.known_size(id);
+    if (!size) {
+      FileInfo info;
+      if (!validate(id, info)) return;
       size = info.size;
-      done = true;
-      cv.notify_all();
-    });
-    {
-      std::unique_lock lock(m);
-      cv.wait(lock, [&] { return done; });
     }
-    if (!status.ok()) {
-      std::lock_guard lock(mutex_);
-      progress_.state = FillState::kFailed;
-      progress_.error = status.message();
-      log::error("fill", "stopped reason=\"{}\"", status.message());
-      return;
-    }
-    items.push_back({id, engine_.known_size(id).value_or(size)});
+    items.push_back({id, *size});
   }
   std::stable_partition(items.begin(), items.end(),
                         [&](const Item& i) { return i.size <= options_.small_file; });
 
   pace_start_ = Clock::now();
   bool ok = true;
+  // Small files go in groups, which the engine sends as pipelined batches;
+  // one at a time while readers are missing.
+  std::vector<Piece> group;
+  uint64_t group_bytes = 0;
+  const auto send_group = [&] {
+    if (!group.empty()) ok = ok && issue(group);
+    group.clear();
+    group_bytes = 0;
+    return ok;
+  };
   for (const auto& item : items) {
-    CacheFile* cache = engine_.cache_file(item.id);
-    if (!cache) continue;
-    const bool small = item.size <= options_.small_file;
-    for (Range r : cache->missing({0, cache->size()})) {
-      if (small) {
-        ok = fill_range(item.id, 0, cache->size());  // one request: the engine skips what is there
-        break;
+    if (item.size <= options_.small_file) {
+      // One request per file, validated on the way; the engine skips what
+      // is there.
+      CacheFile* cache = engine_.cache_file(item.id);
+      if (cache && cache->present({0, cache->size()})) continue;
+      if (readers_missing()) {
+        ok = send_group() && pause_for_readers() && issue({{item.id, 0, item.size}});
+      } else {
+        group.push_back({item.id, 0, item.size});
+        group_bytes += item.size;
+        if (group.size() >= kRequestsPerWorker || group_bytes >= options_.chunk) send_group();
       }
-      for (uint64_t at = r.begin; ok && at < r.end; at += options_.chunk) {
-        ok = fill_range(item.id, at, std::min(options_.chunk, r.end - at));
+    } else if (send_group()) {
+      FileInfo info;
+      if (!validate(item.id, info)) break;
+      CacheFile* cache = engine_.cache_file(item.id);
+      for (Range r : cache->missing({0, cache->size()})) {
+        for (uint64_t at = r.begin; ok && at < r.end; at += options_.chunk) {
+          ok = fill_range(item.id, at, std::min(options_.chunk, r.end - at));
+        }
+        if (!ok) break;
       }
-      if (!ok) break;
     }
     if (!ok) break;
   }
+  send_group();
 
   std::unique_lock lock(mutex_);
   cv_.wait(lock, [&] { return in_flight_ == 0; });
@@ -141,16 +148,42 @@ void BackgroundFill::run() {
   log::info("fill", "complete bytes={}", progress_.requested);
 }
 
-// Asks for one range at background priority, in block-sized pieces one at a
-// time while readers are missing; false if the fill must end (stopped or
-// failed).
+// Waits for the file's validation (done at mount start, or now); false,
+// with the fill failed, if the file cannot be served.
+bool BackgroundFill::validate(FetchEngine::FileId id, FileInfo& out) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  Status status;
+  engine_.file_info(id, [&](const Status& st, const FileInfo& info) {
+    std::lock_guard lock(m);
+    status = st;
+    out = info;
+    done = true;
+    cv.notify_all();
+  });
+  {
+    std::unique_lock lock(m);
+    cv.wait(lock, [&] { return done; });
+  }
+  if (status.ok()) return true;
+  std::lock_guard lock(mutex_);
+  progress_.state = FillState::kFailed;
+  progress_.error = status.message();
+  log::error("fill", "stopped reason=\"{}\"", status.message());
+  return false;
+}
+
+// Asks for one range of a large file at background priority, in block-sized
+// pieces one at a time while readers are missing; false if the fill must end
+// (stopped or failed).
 bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length) {
   const uint64_t bs = engine_.options().block_size;
   while (length > 0) {
     const bool yield = readers_missing();
     if (yield && !pause_for_readers()) return false;
     const uint64_t n = yield ? std::min(length, bs - offset % bs) : length;
-    if (!issue(id, offset, n, yield ? 1 : max_in_flight_)) return false;
+    if (!issue({{id, offset, n}})) return false;
     offset += n;
     length -= n;
   }
@@ -180,33 +213,52 @@ bool BackgroundFill::readers_missing() const {
   return Clock::now() - since < options_.yield_after;
 }
 
-// Sends one request once the pace allows and fewer than `limit` are in
-// flight.
-bool BackgroundFill::issue(FetchEngine::FileId id, uint64_t offset, uint64_t length,
-                           unsigned limit) {
-  pace(length);
+// Sends requests once the pace allows and the fill's requests in flight
+// leave room for them: one at a time while readers are missing, otherwise up
+// to kRequestsPerWorker requests and a chunk per worker the fill may use.
+bool BackgroundFill::issue(const std::vector<Piece>& pieces) {
+  uint64_t bytes = 0;
+  for (const auto& p : pieces) bytes += p.length;
+  pace(bytes);
   std::unique_lock lock(mutex_);
-  cv_.wait(lock,
-           [&] { return stop_ || progress_.state != FillState::kRunning || in_flight_ < limit; });
+  const auto room = [&] {
+    if (in_flight_ == 0) return true;
+    if (readers_missing()) return false;
+    return in_flight_ + pieces.size() <= max_in_flight_ &&
+           in_flight_bytes_ + bytes <= max_bytes_in_flight_;
+  };
+  // Completions wake it; the bounded wait notices readers going quiet.
+  while (!stop_ && progress_.state == FillState::kRunning && !room()) {
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
+  }
   if (stop_ || progress_.state != FillState::kRunning) return false;
-  ++in_flight_;
-  progress_.requested += length;
+  in_flight_ += static_cast<unsigned>(pieces.size());
+  in_flight_bytes_ += bytes;
+  progress_.requested += bytes;
   last_issue_ = Clock::now();
   lock.unlock();
-  engine_.request(id, offset, length, Priority::kBackground, [this, length](const Status& st) {
-    std::lock_guard l(mutex_);
-    --in_flight_;
-    if (st.ok()) {
-      samples_.emplace_back(Clock::now(), length);
-      if (samples_.size() > 4096) samples_.erase(samples_.begin(), samples_.begin() + 2048);
-    } else if (progress_.state == FillState::kRunning && !stop_) {
-      progress_.state = FillState::kFailed;
-      progress_.error = st.message();
-      log::error("fill", "stopped reason=\"{}\"", st.message());
-    }
-    cv_.notify_all();
-  });
+  std::vector<FetchEngine::RangeRequest> requests;
+  for (const auto& p : pieces) {
+    requests.push_back({p.file, p.offset, p.length,
+                        [this, length = p.length](const Status& st) { landed(length, st); }});
+  }
+  engine_.request_many(std::move(requests), Priority::kBackground);
   return true;
+}
+
+void BackgroundFill::landed(uint64_t length, const Status& st) {
+  std::lock_guard l(mutex_);
+  --in_flight_;
+  in_flight_bytes_ -= length;
+  if (st.ok()) {
+    samples_.emplace_back(Clock::now(), length);
+    if (samples_.size() > 4096) samples_.erase(samples_.begin(), samples_.begin() + 2048);
+  } else if (progress_.state == FillState::kRunning && !stop_) {
+    progress_.state = FillState::kFailed;
+    progress_.error = st.message();
+    log::error("fill", "stopped reason=\"{}\"", st.message());
+  }
+  cv_.notify_all();
 }
 
 // Keeps the fill's average rate at options_.rate (if set).

@@ -39,17 +39,19 @@ namespace lazyfs {
 
 class CacheFile {
  public:
-  // Opens (creating if needed) the data and map files `base`.data and
-  // `base`.map. A map that is missing, unreadable, corrupt, or written for
-  // another checkpoint, path or source size is discarded and the data file
-  // emptied: the cache then starts cold for this file, never wrong.
+  // Opens the data and map files `base`.data and `base`.map. A map that is
+  // missing, unreadable, corrupt, or written for another checkpoint, path or
+  // source size is discarded: the cache then starts cold for this file, never
+  // wrong. A cold file's data file is created (or emptied) at its first
+  // write, so files that are never read cost nothing on disk.
   static std::unique_ptr<CacheFile> open(const std::filesystem::path& base,
                                          const std::string& checkpoint_id, const std::string& path,
                                          uint64_t source_size, Status& status);
 
-  // The data file, for reads of present bytes (pread, splice). Valid for the
-  // life of this object.
-  int fd() const { return fd_.get(); }
+  // The data file, for reads of present bytes (pread, splice); created if
+  // it was not yet (-1 if that fails, logged). Valid for the life of this
+  // object.
+  int fd();
   const std::string& path() const { return path_; }
   // The size of the file on the source, as given to open().
   uint64_t source_size() const { return source_size_; }
@@ -86,6 +88,7 @@ class CacheFile {
  private:
   CacheFile() = default;
   Status load_map_locked();
+  Status ensure_data_locked();
   std::string serialize_locked() const;
 
   std::filesystem::path data_path_;
@@ -93,9 +96,8 @@ class CacheFile {
   std::string checkpoint_id_;
   std::string path_;
   uint64_t source_size_ = 0;
-  UniqueFd fd_;
-
   mutable std::mutex mutex_;
+  UniqueFd fd_;                      // guarded by mutex_; open once written to
   uint64_t size_ = 0;                // guarded by mutex_
   RangeSet present_;                 // guarded by mutex_
   RangeSet local_;                   // guarded by mutex_

@@ -129,6 +129,17 @@ class FetchEngine {
   // `done` may be empty (read-ahead, prefetch).
   void request(FileId file, uint64_t offset, uint64_t length, Priority priority, Completion done);
 
+  // request() of many ranges at one priority, queued together so that they
+  // go to the source as few pipelined batches (a fill's or a prefetch's
+  // small files). Each `done` (may be empty) as for request().
+  struct RangeRequest {
+    FileId file = 0;
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    Completion done;
+  };
+  void request_many(std::vector<RangeRequest> requests, Priority priority);
+
   // The file's cache (null until validated). Reads of present bytes go
   // straight to its fd; local writes go through it.
   CacheFile* cache_file(FileId file);
@@ -142,8 +153,10 @@ class FetchEngine {
   unsigned workers() const { return workers_; }
 
   EngineStats stats() const;
-  // When a demand request last had to wait for a fetch (the epoch if never):
-  // background work backs off while readers are missing.
+  // When a demand request last had to start a fetch (or raise a queued one)
+  // to get its bytes (the epoch if never): background work backs off while
+  // readers are missing. Waiting for bytes already being fetched does not
+  // count here (it does in EngineStats::demand_misses).
   std::chrono::steady_clock::time_point last_demand_miss() const;
   std::vector<FileStats> file_stats() const;
   SourceState source_state() const;
@@ -158,9 +171,12 @@ class FetchEngine {
 
   void start_validation(File& f);
   void on_validated(File& f, const Status& status, const SourceStat& st);
+  void request_into(FileId file, uint64_t offset, uint64_t length, Priority priority,
+                    Completion done, std::vector<std::shared_ptr<Job>>& jobs);
   void request_validated(File& f, uint64_t offset, uint64_t length, Priority priority,
-                         Completion done);
+                         Completion done, std::vector<std::shared_ptr<Job>>& jobs);
   void enqueue(std::shared_ptr<Job> job);
+  void enqueue_all(std::vector<std::shared_ptr<Job>> jobs);
   void run_next();
   struct Landing;
   void run_fetches(const std::vector<std::shared_ptr<Job>>& batch);

@@ -1,14 +1,18 @@
 // BackgroundFill: fetches every byte of every served file that is not yet in
 // the cache, at the lowest priority, so the source can be released once the
-// fill is complete. Small files first, each in one request; then large files
-// in large ranges. Files named by a trace come first, in its order. It keeps
-// at most one request fewer in flight than the engine has workers, so a
-// reader always finds a free connection, and can cap its own bandwidth.
-// While readers are missing (a demand read waited for a fetch in the last
-// `yield_after` ms, or it started less than that long ago: a restore reads
-// right after the mount) it pauses until they have been quiet that long, but
-// sends at least one block-sized request a second, so that its transfers do
-// not queue ahead of theirs on the link and a steady reader cannot starve it.
+// fill is complete. Small files first, each in one request (the engine sends
+// queued ones together, pipelined); then large files in large ranges. Files
+// named by a trace come first, in its order. The engine keeps one worker free
+// of background work for readers; the fill bounds its own requests and bytes
+// in flight, and can cap its bandwidth.
+// While readers are missing (a demand read had to start a fetch in the last
+// `yield_after` ms, or the fill started less than that long ago: a restore
+// reads right after the mount) it gives way: a large file's ranges pause
+// until readers have been quiet that long, but at least one block-sized
+// request goes out a second, so that its transfers do not queue ahead of
+// theirs on the link and a steady reader cannot starve it; small files keep
+// at most `yield_bytes` in flight, which a restore that opens them in the
+// fill's order finds already there.
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
@@ -57,23 +61,35 @@ class BackgroundFill {
 
  private:
   void run();
+  bool validate(FetchEngine::FileId id, FileInfo& out);
   bool fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length);
-  bool issue(FetchEngine::FileId id, uint64_t offset, uint64_t length, unsigned limit);
+  struct Piece {
+    FetchEngine::FileId file;
+    uint64_t offset;
+    uint64_t length;
+  };
+  bool issue(const std::vector<Piece>& pieces);
+  void landed(uint64_t length, const Status& st);
   bool readers_missing() const;
   bool pause_for_readers();
   void pace(uint64_t bytes);
 
   FetchEngine& engine_;
   FillOptions options_;
+  // Requests in flight per worker the fill may use: the engine sends queued
+  // small files together, pipelined, up to 32 at a time.
+  static constexpr unsigned kRequestsPerWorker = 32;
   unsigned max_in_flight_;
+  uint64_t max_bytes_in_flight_ = 0;
   std::chrono::steady_clock::time_point started_;
   std::chrono::steady_clock::time_point last_issue_;  // the fill thread's own
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
-  bool stop_ = false;       // guarded by mutex_
-  unsigned in_flight_ = 0;  // guarded by mutex_
-  FillProgress progress_;   // guarded by mutex_
+  bool stop_ = false;             // guarded by mutex_
+  unsigned in_flight_ = 0;        // guarded by mutex_
+  uint64_t in_flight_bytes_ = 0;  // guarded by mutex_
+  FillProgress progress_;         // guarded by mutex_
   std::vector<std::pair<std::chrono::steady_clock::time_point, uint64_t>> samples_;  // guarded
   std::chrono::steady_clock::time_point pace_start_;
   uint64_t paced_bytes_ = 0;
