@@ -526,7 +526,9 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     std::vector<std::string> extra;
     const bool fill = method == "lazyfs+fill";
     if (fill) extra = {"--fill"};
-    if (method == "lazyfs+prefetch") extra = {"--prefetch", trace.string()};
+    if (method == "lazyfs+prefetch") {
+      extra = {"--prefetch", trace.string(), "--prefetch-wait", "10"};
+    }
     if (method != "lazyfs" && extra.empty())
       throw std::invalid_argument("unknown method " + method);
     LazyfsMount m(mnt, image_copy, run_dir / "cache", remote_root, ctx, extra);

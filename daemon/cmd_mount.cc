@@ -26,6 +26,7 @@ struct MountCli {
   std::string fill_rate;
   unsigned trace_seconds = 60;
   std::string prefetch;
+  double prefetch_wait_s = 0;
 };
 
 bool parse_size(const std::string& text, uint64_t& out) {
@@ -103,6 +104,11 @@ int mount_command(MountCli& cli) {
       return kExitBadInput;
     }
   }
+  if (cli.prefetch_wait_s > 0 && cli.prefetch.empty()) {
+    print_error("--prefetch-wait needs --prefetch TRACE");
+    return kExitBadInput;
+  }
+  o.prefetch_wait = std::chrono::milliseconds(static_cast<int64_t>(cli.prefetch_wait_s * 1000));
   o.timeout = std::chrono::milliseconds(static_cast<int64_t>(cli.timeout_s * 1000));
   o.stall_timeout = std::min(o.stall_timeout, o.timeout);
   o.mountpoint = std::filesystem::absolute(o.mountpoint).lexically_normal();
@@ -247,6 +253,10 @@ Runner add_mount_command(CLI::App& app) {
   cmd->add_option("--prefetch", cli->prefetch,
                   "Fetch the blocks a recorded trace names right after mounting, ahead of "
                   "everything but reads");
+  cmd->add_option("--prefetch-wait", cli->prefetch_wait_s,
+                  "Return only once the trace's blocks are local, or after this many seconds, "
+                  "so that the restore started next finds them present (default 0: at once)")
+      ->check(CLI::Range(0.0, 3600.0));
   cmd->add_option("-o", o.fuse_options, "FUSE mount option (repeatable)")->allow_extra_args(false);
   return [cli]() { return mount_command(*cli); };
 }

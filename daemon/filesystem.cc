@@ -164,6 +164,7 @@ struct Filesystem::Impl {
   bool serving = false;
 
   void start_extras();
+  void wait_for_prefetch(std::vector<FetchEngine::RangeRequest> ranges);
   void unmount();
 };
 
@@ -189,7 +190,20 @@ std::unique_ptr<Filesystem> Filesystem::create(const Catalog& catalog,
   for (const auto& f : catalog.files()) impl->engine->add_file(f.path, f.size, f.mode);
   // Every file's attributes come from the source: ask for them all at once,
   // pipelined, so the restore's lookups rarely wait for a round trip.
-  impl->engine->validate_all();
+  // A trace's files first: their prefetch starts as soon as they are known.
+  std::vector<FetchEngine::FileId> traced;
+  {
+    std::unordered_map<std::string, FetchEngine::FileId> ids;
+    for (FetchEngine::FileId id = 0; id < catalog.files().size(); ++id) {
+      ids.emplace(catalog.files()[id].path, id);
+    }
+    std::set<FetchEngine::FileId> seen;
+    for (const auto& r : o.prefetch) {
+      auto it = ids.find(r.path);
+      if (it != ids.end() && seen.insert(it->second).second) traced.push_back(it->second);
+    }
+  }
+  impl->engine->validate_all(traced);
 
   if (!o.record_trace.empty()) {
     impl->recorder =
@@ -283,7 +297,7 @@ void Filesystem::Impl::start_extras() {
     }
     prefetch.push_back({it->second, r.offset, r.length, {}});
   }
-  engine->request_many(std::move(prefetch), Priority::kPrefetch);
+  wait_for_prefetch(std::move(prefetch));
   if (options.fill) {
     FillOptions fill_options;
     fill_options.rate = options.fill_rate;
@@ -309,6 +323,40 @@ void Filesystem::Impl::start_extras() {
         [this] { return render_status(options, mountpoint, catalog, *engine, *lfs, extras); }, cst);
     if (!cst.ok()) log::warn("mount", "no status socket: {}", cst.message());
   }
+}
+
+// Queues the prefetch; with options.prefetch_wait, returns only once every
+// range is local (or failed), or that time has passed, so that a restore
+// started next finds them present.
+void Filesystem::Impl::wait_for_prefetch(std::vector<FetchEngine::RangeRequest> ranges) {
+  const size_t total = ranges.size();
+  if (total == 0) return;
+  if (options.prefetch_wait.count() <= 0) {
+    engine->request_many(std::move(ranges), Priority::kPrefetch);
+    return;
+  }
+  struct Count {
+    std::mutex mutex;
+    std::condition_variable cv;
+    size_t done = 0;
+  };
+  auto count = std::make_shared<Count>();  // outlives a wait that times out
+  for (auto& r : ranges) {
+    r.done = [count](const Status&) {
+      std::lock_guard lock(count->mutex);
+      ++count->done;
+      count->cv.notify_all();
+    };
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  engine->request_many(std::move(ranges), Priority::kPrefetch);
+  std::unique_lock lock(count->mutex);
+  const bool all =
+      count->cv.wait_for(lock, options.prefetch_wait, [&] { return count->done == total; });
+  log::info(
+      "prefetch", "{} of {} ranges ready after {:.0f} ms{}", count->done, total,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(),
+      all ? "" : " (--prefetch-wait ran out)");
 }
 
 // Stops what runs beside serving and unmounts (once).

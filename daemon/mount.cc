@@ -126,6 +126,7 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   fo.record_trace = options.record_trace;
   fo.trace_seconds = options.trace_seconds;
   fo.prefetch = options.prefetch;
+  fo.prefetch_wait = options.prefetch_wait;
   auto fs = Filesystem::create(catalog, std::move(source), std::move(fo), st);
   if (!fs) {
     ready(st);

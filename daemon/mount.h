@@ -43,6 +43,7 @@ struct MountOptions {
   std::filesystem::path record_trace;     // write the first reads here
   std::chrono::seconds trace_seconds{60};
   std::vector<TraceRecord> prefetch;  // blocks to fetch right after mount
+  std::chrono::milliseconds prefetch_wait{0};  // return once they are local (bounded)
 };
 
 // The default cache directory: /var/cache/lazyfs for root, else

@@ -464,6 +464,29 @@ TEST_CASE("stress: every request completes under concurrent mixed load with fail
   CHECK(rig.engine->stats().inflight == 0);
 }
 
+TEST_CASE("validate_all validates the files it is given first", "[engine]") {
+  EngineOptions opts;
+  opts.threads = 1;  // batches run one after another
+  Rig rig(opts, 1);
+  std::vector<FetchEngine::FileId> ids;
+  for (int i = 0; i < 600; ++i) {
+    const auto path = "/many/" + std::to_string(i);
+    rig.source->add(path, 10);
+    ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
+  }
+  rig.engine->validate_all({ids[599], ids[300]});
+  Completions c;
+  for (auto id : ids) {
+    rig.engine->file_info(id, [&](const Status& st, const FileInfo&) { c.make()(st); });
+  }
+  REQUIRE(c.wait(ids.size()));
+  CHECK(c.ok_count() == ids.size());
+  const auto order = rig.source->stat_order();
+  REQUIRE(order.size() == 601);  // and /data/f
+  CHECK(order[0] == "/many/599");
+  CHECK(order[1] == "/many/300");
+}
+
 TEST_CASE("validate_all validates every file in one batch, a missing file is unservable",
           "[engine]") {
   Rig rig;

@@ -47,6 +47,7 @@ class FakeSource : public Source {
   Status stat(const std::string& path, SourceStat& out) override {
     std::unique_lock lock(mutex_);
     ++counters_.stats;
+    stat_order_.push_back(path);
     if (auto st = take_failure_locked(); !st.ok()) return st;
     auto it = files_.find(path);
     if (it == files_.end()) return Status::permanent(ENOENT, "no such fake file " + path);
@@ -114,6 +115,11 @@ class FakeSource : public Source {
     }
     Source::read_many(ranges, done);
   }
+  // Paths stat'ed, in order.
+  std::vector<std::string> stat_order() const {
+    std::lock_guard lock(mutex_);
+    return stat_order_;
+  }
   std::vector<size_t> batches() const {
     std::lock_guard lock(mutex_);
     return batches_;
@@ -174,6 +180,7 @@ class FakeSource : public Source {
   std::map<std::string, std::pair<uint64_t, uint32_t>> files_;
   std::vector<Call> calls_;
   std::vector<size_t> batches_;  // ranges per read_many call
+  std::vector<std::string> stat_order_;
   bool gate_open_ = true;
   size_t pause_after_chunks_ = SIZE_MAX;
   size_t chunks_delivered_ = 0;

@@ -140,10 +140,11 @@ TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", 
 
   // Next migration: a cold cache, the trace prefetched.
   std::filesystem::remove_all(rig.cache);
-  rig.start_file({"--prefetch", trace.string()});
-  for (int i = 0; i < 200 && rig.mount->status()["inflight"].get<uint64_t>() > 0; ++i) {
-    std::this_thread::sleep_for(20ms);
-  }
+  // --prefetch-wait: the mount returns once the trace's blocks are local.
+  rig.start_file({"--prefetch", trace.string(), "--prefetch-wait", "30"});
+  auto at_start = rig.mount->status();
+  CHECK(at_start["inflight"] == 0);
+  CHECK(at_start["fetched_bytes"].get<uint64_t>() >= 3 * kBlock);
   read_all();
   auto st = rig.mount->status();
   CHECK(st["demand_misses"] == 0);
@@ -165,4 +166,9 @@ TEST_CASE("prefetch: a malformed trace is refused with its line, unknown files a
   auto st = rig.mount->status();
   CHECK(st["prefetch"]["skipped"] == 1);
   CHECK(st["prefetch"]["records"] == 1);
+  REQUIRE(rig.mount->stop());
+  r = run_lazyfs({"mount", "--cache-dir", rig.cache.string(), "--prefetch-wait", "5",
+                  rig.mnt.string(), rig.images.string(), "file://" + rig.source.string()});
+  CHECK(r.status == 2);
+  CHECK_THAT(r.err, Catch::Contains("--prefetch-wait needs --prefetch"));
 }

@@ -61,6 +61,7 @@ struct FillRig {
       source->add(path, size);
       ids.push_back(engine->add_file(path, size, S_IFREG | 0644));
     }
+    engine->validate_all();  // as a mount does
     (void)workers;
   }
   uint64_t present() {

@@ -40,7 +40,8 @@ struct FetchEngine::File {
   RangeSet inflight;                       // blocks queued or being fetched
   std::vector<std::shared_ptr<Job>> jobs;  // the fetch jobs covering `inflight`
   std::vector<Waiter> waiters;
-  std::vector<std::function<void()>> pending;  // requests waiting for validation
+  // Requests waiting for validation; they add their fetch jobs to the vector.
+  std::vector<std::function<void(Jobs&)>> pending;
   std::vector<InfoCompletion> info_waiters;
   // Read-ahead: the last block of the current sequential run (if any), the
   // run's length in blocks, the window, and how far read-ahead was asked for.
@@ -196,16 +197,40 @@ void FetchEngine::file_info(FileId id, InfoCompletion done) {
   }
 }
 
-// Caller holds f.mutex.
-void FetchEngine::validate_all() {
-  auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, Priority::kDemand);
-  for (auto& f : files_) {
-    std::lock_guard lock(f->mutex);
-    if (f->state != File::State::kUnknown) continue;
-    f->state = File::State::kValidating;
-    job->batch.push_back(f.get());
+// `first` go in a batch of their own, queued first; the rest in batches of
+// a few hundred, so that the workers validate in parallel and a worker is
+// soon free for more urgent work.
+void FetchEngine::validate_all(const std::vector<FileId>& first) {
+  Jobs jobs;
+  const auto take = [&](File& f, std::vector<File*>& into) {
+    std::lock_guard lock(f.mutex);
+    if (f.state != File::State::kUnknown) return;
+    f.state = File::State::kValidating;
+    into.push_back(&f);
+  };
+  std::vector<File*> todo;
+  for (FileId id : first) {
+    if (id < files_.size()) take(*files_[id], todo);
   }
-  if (!job->batch.empty()) enqueue(std::move(job));
+  if (!todo.empty()) {
+    auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, Priority::kDemand);
+    job->batch = std::exchange(todo, {});
+    jobs.push_back(std::move(job));
+  }
+  for (auto& f : files_) take(*f, todo);
+  // With a trace, the rest waits behind its prefetch.
+  const Priority rest = jobs.empty() ? Priority::kDemand : Priority::kReadAhead;
+  constexpr size_t kBatch = 256;
+  const size_t batches = (todo.size() + kBatch - 1) / kBatch;
+  for (size_t b = 0; b < batches && !todo.empty(); ++b) {
+    auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, rest);
+    const size_t from = todo.size() * b / batches;
+    const size_t to = todo.size() * (b + 1) / batches;
+    job->batch.assign(todo.begin() + static_cast<ptrdiff_t>(from),
+                      todo.begin() + static_cast<ptrdiff_t>(to));
+    jobs.push_back(std::move(job));
+  }
+  enqueue_all(std::move(jobs));
 }
 
 void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
@@ -213,9 +238,14 @@ void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
   paths.reserve(job->batch.size());
   for (File* f : job->batch) paths.push_back(f->path);
   const auto t0 = Clock::now();
+  // Requests that waited for these files are queued a few dozen at a time,
+  // so that they go to the source in batches too.
+  Validated ready;
   source_->stat_many(paths, [&](size_t i, const Status& status, const SourceStat& st) {
-    on_validated(*job->batch[i], status, st);
+    on_validated(*job->batch[i], status, st, ready);
+    if (ready.jobs.size() + ready.then.size() >= 32) release(ready);
   });
+  release(ready);
   log::debug("engine", "validated files={} ms={:.1f}", paths.size(),
              std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
 }
@@ -228,8 +258,9 @@ void FetchEngine::start_validation(File& f) {
   enqueue(std::move(job));
 }
 
-void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& st) {
-  std::vector<std::function<void()>> pending;
+void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& st,
+                               Validated& out) {
+  std::vector<std::function<void(Jobs&)>> pending;
   std::vector<InfoCompletion> info_waiters;
   Status result = status;
   FileInfo info;
@@ -281,9 +312,18 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
       }
     }
   }
-  for (auto& w : info_waiters) w(result, info);
-  // Each pending request is served now, or failed with the reason.
-  for (auto& p : pending) p();
+  // Each pending request is served now, or failed with the reason; its jobs
+  // are queued before anyone waiting for the file's information hears of it.
+  for (auto& p : pending) p(out.jobs);
+  for (auto& w : info_waiters) {
+    out.then.push_back([w = std::move(w), result, info] { w(result, info); });
+  }
+}
+
+// Queues what validations planned, then tells those who waited for them.
+void FetchEngine::release(Validated& v) {
+  enqueue_all(std::exchange(v.jobs, {}));
+  for (auto& t : std::exchange(v.then, {})) t();
 }
 
 void FetchEngine::request(FileId id, uint64_t offset, uint64_t length, Priority priority,
@@ -322,13 +362,11 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
     case File::State::kValidating: {
       const bool first = f.state == File::State::kUnknown;
       // Run once validation ends: served if it succeeded, failed if not.
-      f.pending.push_back([this, &f, offset, length, priority, done]() mutable {
+      f.pending.push_back([this, &f, offset, length, priority, done](Jobs& later) mutable {
         std::unique_lock l(f.mutex);
         if (f.state == File::State::kReady) {
           l.unlock();
-          std::vector<std::shared_ptr<Job>> later;
           request_validated(f, offset, length, priority, std::move(done), later);
-          enqueue_all(std::move(later));
         } else {
           auto st = f.state == File::State::kStale
                         ? f.stale_status
@@ -549,7 +587,9 @@ void FetchEngine::run_stat(const std::shared_ptr<Job>& job) {
   SourceStat st;
   Status status = source_->stat(job->file->path, st);
   if (!status.ok() && retry_later(job, status)) return;
-  on_validated(*job->file, status, st);
+  Validated ready;
+  on_validated(*job->file, status, st, ready);
+  release(ready);
 }
 
 // What one fetch job of a batch has stored so far.
@@ -698,18 +738,20 @@ bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& sta
 
 // Fails a job that will not run (shutdown): its waiters get `status`.
 void FetchEngine::abandon(const std::shared_ptr<Job>& job, const Status& status) {
+  Validated failed;  // requests waiting for a validation that failed plan nothing
   switch (job->kind) {
     case Job::Kind::kFetch:
       --counters_->inflight;
       fail_blocks(*job->file, job->range, status);
       break;
     case Job::Kind::kStat:
-      on_validated(*job->file, status, {});
+      on_validated(*job->file, status, {}, failed);
       break;
     case Job::Kind::kStatMany:
-      for (File* f : job->batch) on_validated(*f, status, {});
+      for (File* f : job->batch) on_validated(*f, status, {}, failed);
       break;
   }
+  release(failed);
 }
 
 // Gives up on `range` of f: its blocks are no longer in flight and every

@@ -27,7 +27,7 @@ const char* fill_state_name(FillState state) {
 BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
     : engine_(engine),
       options_(std::move(options)),
-      max_in_flight_(std::max(1u, engine.workers() - 1) * kRequestsPerWorker),
+      max_in_flight_(2 * std::max(1u, engine.workers() - 1) * kRequestsPerWorker),
       started_(Clock::now()),
       last_issue_(started_) {
   const uint64_t bs = engine_.options().block_size;
@@ -37,7 +37,7 @@ BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
   // means to leave to readers.
   options_.chunk = std::min(options_.chunk, engine_.options().max_request);
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
-  max_bytes_in_flight_ = std::max(1u, engine.workers() - 1) * options_.chunk;
+  max_bytes_in_flight_ = 2 * std::max(1u, engine.workers() - 1) * options_.chunk;
   thread_ = std::thread([this] { run(); });
 }
 

@@ -39,7 +39,10 @@ struct FilesystemOptions {
   std::filesystem::path record_trace;     // record the first reads here
   std::chrono::seconds trace_seconds{60};
   std::vector<TraceRecord> prefetch;  // fetch these blocks right after mounting
-  bool control_socket = true;         // serve `lazyfs status` for the mount point
+  // If positive, mount() returns only once the prefetch is local, or after
+  // this long, whichever comes first.
+  std::chrono::milliseconds prefetch_wait{0};
+  bool control_socket = true;  // serve `lazyfs status` for the mount point
 };
 
 class Filesystem {

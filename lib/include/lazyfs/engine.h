@@ -115,9 +115,10 @@ class FetchEngine {
   FileId add_file(const std::string& path, std::optional<uint64_t> recorded_size,
                   std::optional<uint32_t> recorded_mode);
 
-  // Validates every file not yet validated, with one pipelined batch of
-  // stats on the source, so that later lookups find their answers ready.
-  void validate_all();
+  // Validates every file not yet validated, with pipelined batches of stats
+  // on the source (`first` ahead of the rest: a trace's files), so that
+  // later lookups find their answers ready.
+  void validate_all(const std::vector<FileId>& first = {});
 
   // Validates the file against the source (once; later calls answer from
   // memory). `done` runs on a worker thread, or on this one if already known.
@@ -170,7 +171,15 @@ class FetchEngine {
   class Pool;
 
   void start_validation(File& f);
-  void on_validated(File& f, const Status& status, const SourceStat& st);
+  using Jobs = std::vector<std::shared_ptr<Job>>;
+  // What validations leave to do once no lock is held: fetches to queue, then
+  // callbacks of those who waited.
+  struct Validated {
+    Jobs jobs;
+    std::vector<std::function<void()>> then;
+  };
+  void on_validated(File& f, const Status& status, const SourceStat& st, Validated& out);
+  void release(Validated& v);
   void request_into(FileId file, uint64_t offset, uint64_t length, Priority priority,
                     Completion done, std::vector<std::shared_ptr<Job>>& jobs);
   void request_validated(File& f, uint64_t offset, uint64_t length, Priority priority,
