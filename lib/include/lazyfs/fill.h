@@ -1,18 +1,17 @@
 // BackgroundFill: fetches every byte of every served file that is not yet in
 // the cache, at the lowest priority, so the source can be released once the
-// fill is complete. Small files first, each in one request (the engine sends
-// queued ones together, pipelined); then large files in large ranges. Files
-// named by a trace come first, in its order. The engine keeps one worker free
-// of background work for readers; the fill bounds its own requests and bytes
-// in flight, and can cap its bandwidth.
+// fill is complete. Small files first, each in one request, queued in groups
+// that the engine sends as pipelined batches; then large files in large
+// ranges. Files named by a trace come first, in its order. The engine keeps
+// one worker free of background work for readers; the fill bounds its own
+// requests and bytes in flight, and can cap its bandwidth.
 // While readers are missing (a demand read had to start a fetch in the last
 // `yield_after` ms, or the fill started less than that long ago: a restore
-// reads right after the mount) it gives way: a large file's ranges pause
-// until readers have been quiet that long, but at least one block-sized
-// request goes out a second, so that its transfers do not queue ahead of
-// theirs on the link and a steady reader cannot starve it; small files keep
-// at most `yield_bytes` in flight, which a restore that opens them in the
-// fill's order finds already there.
+// reads right after the mount) it gives way: it pauses until readers have
+// been quiet that long, but sends at least one request (a small file, or a
+// block of a large one) a second, so that its transfers do not queue ahead
+// of theirs on the link or take their CPU, and a steady reader cannot starve
+// it.
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
