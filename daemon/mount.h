@@ -42,7 +42,7 @@ struct MountOptions {
   uint64_t fill_rate = 0;                 // bytes per second, 0: no cap
   std::filesystem::path record_trace;     // write the first reads here
   std::chrono::seconds trace_seconds{60};
-  std::vector<TraceRecord> prefetch;  // blocks to fetch right after mount
+  std::vector<TraceRecord> prefetch;           // blocks to fetch right after mount
   std::chrono::milliseconds prefetch_wait{0};  // return once they are local (bounded)
 };
 
