@@ -110,14 +110,15 @@ TEST_CASE("traces: a malformed trace is an error naming the line", "[trace]") {
 }
 
 TEST_CASE("fill: every byte of every file ends up present", "[fill]") {
-  FillRig rig;
+  // One worker: the source sees requests in the order the engine sends them
+  // (with several, a worker descheduled between taking a job and starting
+  // its read lets later jobs reach the source first).
+  FillRig rig(1);
   BackgroundFill fill(*rig.engine, {});
   REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
   CHECK(fill.progress().state == FillState::kComplete);
   CHECK(rig.present() == rig.total());
-  // Small files went first, each whole in one request. The fill keeps two
-  // requests in flight (workers - 1) and the source may see two of them in
-  // either order, so each small file is among the first four calls.
+  // Small files went first, each whole in one request.
   auto calls = rig.source->calls();
   for (int i = 0; i < 3; ++i) {
     const auto path = "/f" + std::to_string(i);
@@ -127,7 +128,7 @@ TEST_CASE("fill: every byte of every file ends up present", "[fill]") {
     }
     INFO(path);
     REQUIRE(at.size() == 1);
-    CHECK(at[0] < 4);
+    CHECK(at[0] < 3);
     CHECK(calls[at[0]].offset == 0);
     CHECK(calls[at[0]].length == 1000 * static_cast<uint64_t>(i + 1));
   }

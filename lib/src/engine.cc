@@ -35,6 +35,7 @@ struct FetchEngine::File {
   // Everything below is guarded by mutex.
   State state = State::kUnknown;
   Status stale_status;
+  Status validate_error;  // why the last validation could not ask the source
   FileInfo info;
   CacheFile* cache = nullptr;
   RangeSet inflight;                       // blocks queued or being fetched
@@ -273,6 +274,7 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
       f.state = File::State::kUnknown;
       result = Status::transient(EIO, fmt::format("cannot stat {} on {}: {}", f.path,
                                                   source_->describe(), status.message()));
+      f.validate_error = result;
     } else if (!status.ok()) {
       // The source answered, and the answer is no (no such file, no access).
       f.state = File::State::kStale;
@@ -305,6 +307,7 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
         if (!f.cache) {
           f.state = File::State::kUnknown;
           result = Status::transient(EIO, fmt::format("cache for {}: {}", f.path, cst.message()));
+          f.validate_error = result;
         } else {
           f.state = File::State::kReady;
           info = f.info;
@@ -368,8 +371,9 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
           l.unlock();
           request_validated(f, offset, length, priority, std::move(done), later);
         } else {
-          auto st = f.state == File::State::kStale
-                        ? f.stale_status
+          auto st = f.state == File::State::kStale ? f.stale_status
+                    : !f.validate_error.ok()
+                        ? f.validate_error
                         : Status::transient(EIO, fmt::format("cannot validate {} on {}", f.path,
                                                              source_->describe()));
           l.unlock();

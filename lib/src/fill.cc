@@ -215,7 +215,7 @@ bool BackgroundFill::readers_missing() const {
 
 // Sends requests once the pace allows and the fill's requests in flight
 // leave room for them: one at a time while readers are missing, otherwise up
-// to kRequestsPerWorker requests and a chunk per worker the fill may use.
+// to max_in_flight_ requests and max_bytes_in_flight_ bytes.
 bool BackgroundFill::issue(const std::vector<Piece>& pieces) {
   uint64_t bytes = 0;
   for (const auto& p : pieces) bytes += p.length;

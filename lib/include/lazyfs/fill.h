@@ -75,9 +75,11 @@ class BackgroundFill {
 
   FetchEngine& engine_;
   FillOptions options_;
-  // Requests in flight per worker the fill may use: the engine sends queued
-  // small files together, pipelined, up to 32 at a time.
+  // Small files queued together: the engine sends up to 32 queued fetches
+  // as one pipelined batch.
   static constexpr unsigned kRequestsPerWorker = 32;
+  // In flight at most: two batches (requests) and two chunks (bytes) per
+  // worker the fill may use, so a worker that ends one finds the next queued.
   unsigned max_in_flight_;
   uint64_t max_bytes_in_flight_ = 0;
   std::chrono::steady_clock::time_point started_;
