@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <mutex>
 
+#include "fake_source.h"
 #include "lazyfs/filesystem.h"
 #include "lazyfs/lazyfs.h"
 #include "mount_fixture.h"
@@ -14,6 +15,7 @@
 
 using namespace lazyfs;
 using namespace lazyfs::test;
+using namespace std::chrono_literals;
 
 namespace {
 
@@ -101,4 +103,45 @@ TEST_CASE("library: lazy reads without a mount, errors as Status, logs to a call
   CHECK(std::any_of(lines.begin(), lines.end(), [](const std::string& l) {
     return l.find("counter.db") != std::string::npos;
   }));
+}
+
+TEST_CASE("library: a prefetch wait ends when the trace is local, or at its bound", "[library]") {
+  ScratchDir dir("libpf");
+  copy_fixture(dir.path() / "images");
+  const auto catalog = Catalog::load(dir.path() / "images");
+  auto source = std::make_shared<FakeSource>();
+  for (const auto& f : catalog.files())
+    source->add(f.path, f.size.value_or(0), f.mode.value_or(S_IFREG | 0644));
+  FilesystemOptions o;
+  o.control_socket = false;
+  o.prefetch = {{kBig, 0, 3 << 20}, {kBig, 10 << 20, 1 << 20}};
+  o.prefetch_wait = 700ms;
+  const auto mount = [&](const std::string& name) {
+    o.cache_dir = dir.path() / ("cache-" + name);
+    Status st;
+    auto fs = Filesystem::create(catalog, source, o, st);
+    REQUIRE(fs);
+    const auto mnt = dir.path() / ("mnt-" + name);
+    std::filesystem::create_directories(mnt);
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(fs->mount(mnt).ok());
+    return std::make_pair(std::move(fs), std::chrono::steady_clock::now() - t0);
+  };
+
+  SECTION("a source that answers: mount returns with the trace local") {
+    auto [fs, took] = mount("a");
+    auto st = nlohmann::json::parse(fs->status_json());
+    CHECK(st["fetched_bytes"].get<uint64_t>() >= 4u << 20);
+    CHECK(st["inflight"] == 0);
+    fs->stop();
+  }
+  SECTION("a source that hangs: mount returns at the bound, the prefetch still running") {
+    source->close_gate();
+    auto [fs, took] = mount("b");
+    CHECK(took >= 700ms);
+    CHECK(took < 20s);  // the bound, not the source's time-outs
+    CHECK(nlohmann::json::parse(fs->status_json())["fetched_bytes"] == 0);
+    source->open_gate();
+    fs->stop();
+  }
 }
