@@ -219,8 +219,11 @@ void FetchEngine::validate_all(const std::vector<FileId>& first) {
     jobs.push_back(std::move(job));
   }
   for (auto& f : files_) take(*f, todo);
-  // With a trace, the rest waits behind its prefetch.
-  const Priority rest = jobs.empty() ? Priority::kDemand : Priority::kReadAhead;
+  // With a trace, the rest is queued at prefetch priority: behind readers'
+  // fetches, ahead of the prefetch (queued later), so a lookup of a file the
+  // trace does not name waits at most for the validation, never for the
+  // whole prefetch.
+  const Priority rest = jobs.empty() ? Priority::kDemand : Priority::kPrefetch;
   constexpr size_t kBatch = 256;
   const size_t batches = (todo.size() + kBatch - 1) / kBatch;
   for (size_t b = 0; b < batches && !todo.empty(); ++b) {

@@ -116,8 +116,9 @@ class FetchEngine {
                   std::optional<uint32_t> recorded_mode);
 
   // Validates every file not yet validated, with pipelined batches of stats
-  // on the source (`first` ahead of the rest: a trace's files), so that
-  // later lookups find their answers ready.
+  // on the source, so that later lookups find their answers ready. `first`
+  // (a trace's files) go ahead of the rest, and the rest then at prefetch
+  // priority: behind readers' fetches, ahead of a prefetch queued later.
   void validate_all(const std::vector<FileId>& first = {});
 
   // Validates the file against the source (once; later calls answer from
