@@ -143,7 +143,6 @@ TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", 
   // --prefetch-wait: the mount returns once the trace's blocks are local.
   rig.start_file({"--prefetch", trace.string(), "--prefetch-wait", "30"});
   auto at_start = rig.mount->status();
-  CHECK(at_start["inflight"] == 0);
   CHECK(at_start["fetched_bytes"].get<uint64_t>() >= 3 * kBlock);
   read_all();
   auto st = rig.mount->status();
