@@ -17,6 +17,7 @@ struct StatusCli {
   std::string mountpoint;
   bool json = false;
   bool wait = false;
+  bool no_files = false;
 };
 
 std::string human(uint64_t bytes) {
@@ -40,7 +41,7 @@ int wait_command(const StatusCli& cli) {
   double rate = 0;
   while (true) {
     std::string doc;
-    if (auto st = query_control(cli.mountpoint, doc); !st.ok()) {
+    if (auto st = query_control(cli.mountpoint, doc, /*with_files=*/false); !st.ok()) {
       if (tty) fmt::print("\n");
       print_error(st.message());
       return kExitFailure;
@@ -67,6 +68,12 @@ int wait_command(const StatusCli& cli) {
     if (j["complete"].get<bool>()) {
       if (tty) fmt::print("\r\033[K");
       if (cli.json) {
+        if (!cli.no_files) {
+          if (auto st = query_control(cli.mountpoint, doc); !st.ok()) {
+            print_error(st.message());
+            return kExitFailure;
+          }
+        }
         fmt::print("{}\n", doc);
       } else {
         fmt::print("complete: every served file is local ({}); the source is no longer needed\n",
@@ -105,7 +112,7 @@ int wait_command(const StatusCli& cli) {
 int status_command(const StatusCli& cli) {
   if (cli.wait) return wait_command(cli);
   std::string doc;
-  if (auto st = query_control(cli.mountpoint, doc); !st.ok()) {
+  if (auto st = query_control(cli.mountpoint, doc, !cli.no_files); !st.ok()) {
     print_error(st.message());
     return kExitFailure;
   }
@@ -120,7 +127,7 @@ int status_command(const StatusCli& cli) {
     print_error(fmt::format("unreadable status from the daemon: {}", e.what()));
     return kExitFailure;
   }
-  for (const auto& f : j["files"]) {
+  for (const auto& f : j.value("files", nlohmann::json::array())) {
     const bool sized = !f["size"].is_null();
     fmt::print("{:>10} / {:>10} fetched {:>10}{} {}\n", human(f["present_bytes"].get<uint64_t>()),
                sized ? human(f["size"].get<uint64_t>()) : "?",
@@ -149,6 +156,8 @@ Runner add_status_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("status", "Show what a running mount has fetched");
   cmd->add_option("MOUNTPOINT", cli->mountpoint, "Mount point of a running lazyfs")->required();
   cmd->add_flag("--json", cli->json, "Print the daemon's JSON document");
+  cmd->add_flag("--no-files", cli->no_files,
+                "Leave out the per-file list: totals only, cheap on checkpoints with many files");
   cmd->add_flag("--wait", cli->wait,
                 "Wait until every served file is local (exit 0) or the fill fails (exit 1), "
                 "with a progress bar on a terminal");

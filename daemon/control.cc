@@ -43,7 +43,7 @@ std::filesystem::path control_socket_path(const std::filesystem::path& mountpoin
   return dir / (sha256_hex(abs).substr(0, 24) + ".sock");
 }
 
-ControlServer::ControlServer(std::filesystem::path path, std::function<std::string()> render,
+ControlServer::ControlServer(std::filesystem::path path, std::function<std::string(bool)> render,
                              Status& status)
     : path_(std::move(path)), render_(std::move(render)) {
   std::error_code ec;
@@ -93,10 +93,14 @@ void ControlServer::serve() {
     UniqueFd client(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!client) continue;
     try {
-      const std::string doc = render_();
-      // A client that stops reading must not stall the server for long.
+      // A client that stops writing or reading must not stall the server
+      // for long.
       timeval tv{2, 0};
+      ::setsockopt(client.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
       ::setsockopt(client.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+      char what = 'f';
+      if (::recv(client.get(), &what, 1, 0) != 1) what = 'f';
+      const std::string doc = render_(what != 's');
       size_t done = 0;
       while (done < doc.size()) {
         ssize_t n = ::send(client.get(), doc.data() + done, doc.size() - done, MSG_NOSIGNAL);
@@ -109,7 +113,7 @@ void ControlServer::serve() {
   }
 }
 
-Status query_control(const std::filesystem::path& mountpoint, std::string& out) {
+Status query_control(const std::filesystem::path& mountpoint, std::string& out, bool with_files) {
   const auto path = control_socket_path(mountpoint);
   sockaddr_un addr;
   if (!make_address(path, addr)) return Status::permanent(ENAMETOOLONG, "socket path too long");
@@ -121,6 +125,11 @@ Status query_control(const std::filesystem::path& mountpoint, std::string& out) 
   }
   timeval tv{10, 0};
   ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  const char what = with_files ? 'f' : 's';
+  if (::send(fd.get(), &what, 1, MSG_NOSIGNAL) != 1) {
+    return Status::transient(errno, fmt::format("asking for status: {}", std::strerror(errno)));
+  }
   out.clear();
   char buf[65536];
   while (true) {

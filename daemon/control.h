@@ -1,5 +1,6 @@
-// The control socket of a running mount: `lazyfs status` connects to it and
-// reads one JSON document. A Unix socket named from the mount point, under
+// The control socket of a running mount: `lazyfs status` connects to it,
+// sends one byte ('f': the whole document, 's': without the per-file list)
+// and reads one JSON document. A Unix socket named from the mount point, under
 // /run/lazyfs (root) or $XDG_RUNTIME_DIR/lazyfs, mode 0600.
 #pragma once
 
@@ -20,7 +21,9 @@ std::filesystem::path control_socket_path(const std::filesystem::path& mountpoin
 // Serves `render()` to each client on its own thread until destroyed.
 class ControlServer {
  public:
-  ControlServer(std::filesystem::path path, std::function<std::string()> render, Status& status);
+  // `render(with_files)` makes the document.
+  ControlServer(std::filesystem::path path, std::function<std::string(bool)> render,
+                Status& status);
   ~ControlServer();
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
@@ -29,13 +32,15 @@ class ControlServer {
   void serve();
 
   std::filesystem::path path_;
-  std::function<std::string()> render_;
+  std::function<std::string(bool)> render_;
   UniqueFd listen_fd_;
   UniqueFd wake_read_, wake_write_;
   std::thread thread_;
 };
 
-// Reads the document from a running mount's socket.
-Status query_control(const std::filesystem::path& mountpoint, std::string& out);
+// Reads the document from a running mount's socket, with or without the
+// per-file list.
+Status query_control(const std::filesystem::path& mountpoint, std::string& out,
+                     bool with_files = true);
 
 }  // namespace lazyfs::cli

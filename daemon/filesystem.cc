@@ -48,7 +48,7 @@ struct Extras {
 
 std::string render_status(const FilesystemOptions& options, const std::filesystem::path& mountpoint,
                           const Catalog& catalog, FetchEngine& engine, fs::LazyFs& lfs,
-                          const Extras& extras) {
+                          const Extras& extras, bool with_files = true) {
   const auto es = engine.stats();
   auto files = nlohmann::json::array();
   uint64_t total = 0, fetched = 0, present = 0, local = 0;
@@ -60,6 +60,7 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
     present += std::min(f.present_bytes, size);
     local += f.local_bytes;
     complete = complete && f.size && f.present_bytes >= size;
+    if (!with_files) continue;
     files.push_back({{"path", f.path},
                      {"size", f.size ? nlohmann::json(size) : nlohmann::json(nullptr)},
                      {"fetched_bytes", f.fetched_bytes},
@@ -109,8 +110,8 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
       {"prefetch", {{"records", extras.prefetch_records}, {"skipped", extras.prefetch_skipped}}},
       {"trace", extras.trace ? nlohmann::json{{"file", options.record_trace.string()},
                                               {"records", extras.trace->records()}}
-                             : nlohmann::json(nullptr)},
-      {"files", files}};
+                             : nlohmann::json(nullptr)}};
+  if (with_files) j["files"] = std::move(files);
   return j.dump();
 }
 
@@ -320,7 +321,10 @@ void Filesystem::Impl::start_extras() {
     Status cst;
     control = std::make_unique<ControlServer>(
         cli::control_socket_path(mountpoint),
-        [this] { return render_status(options, mountpoint, catalog, *engine, *lfs, extras); }, cst);
+        [this](bool with_files) {
+          return render_status(options, mountpoint, catalog, *engine, *lfs, extras, with_files);
+        },
+        cst);
     if (!cst.ok()) log::warn("mount", "no status socket: {}", cst.message());
   }
 }

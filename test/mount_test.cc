@@ -326,6 +326,17 @@ TEST_CASE("the original three-argument form mounts", "[mount]") {
   CHECK_THAT(st.out, Catch::Contains("big.bin"));
   auto json =
       nlohmann::json::parse(run_lazyfs({"status", "--json", (dir.path() / "mnt").string()}).out);
+  CHECK(json["files"].size() >= 1);
+  // --no-files: the same totals without the per-file list.
+  auto brief = nlohmann::json::parse(
+      run_lazyfs({"status", "--json", "--no-files", (dir.path() / "mnt").string()}).out);
+  CHECK_FALSE(brief.contains("files"));
+  CHECK(brief["total_bytes"] == json["total_bytes"]);
+  CHECK(brief["present_bytes"] == json["present_bytes"]);
+  CHECK(brief["pid"] == json["pid"]);
+  auto plain = run_lazyfs({"status", "--no-files", (dir.path() / "mnt").string()});
+  CHECK(plain.status == 0);
+  CHECK_THAT(plain.out, !Catch::Contains("big.bin") && Catch::Contains("total"));
   ::kill(json["pid"].get<pid_t>(), SIGTERM);
   std::error_code ec;
   for (int i = 0; i < 100 && is_mounted(dir.path() / "mnt"); ++i) {
