@@ -23,6 +23,7 @@ struct MountCli {
   std::string block_size = "128K";
   double timeout_s = 30;
   std::string log_level = "info";
+  std::string ssh_client = "openssh";
   std::string fill_rate;
   unsigned trace_seconds = 60;
   std::string prefetch;
@@ -77,6 +78,14 @@ int mount_command(MountCli& cli) {
   }
   if (o.connections < 1 || o.connections > 64) {
     print_error("--connections: need 1 to 64");
+    return kExitBadInput;
+  }
+  if (cli.ssh_client == "openssh") {
+    o.ssh_client = SshClient::kOpenSsh;
+  } else if (cli.ssh_client == "libssh2") {
+    o.ssh_client = SshClient::kLibssh2;
+  } else {
+    print_error(fmt::format("--ssh-client {}: use openssh or libssh2", cli.ssh_client));
     return kExitBadInput;
   }
   if (cli.timeout_s <= 0 || cli.timeout_s > 86400) {
@@ -233,6 +242,12 @@ Runner add_mount_command(CLI::App& app) {
                 "Add an unknown host's key to known_hosts (a changed key is still refused)");
   cmd->add_flag("--insecure-no-host-key-check", o.insecure_no_host_key_check,
                 "Do not check the host key at all (exposes you to man-in-the-middle attacks)");
+  cmd->add_option("--ssh-client", cli->ssh_client,
+                  "openssh (the default): run OpenSSH's ssh for each session, which honours "
+                  "~/.ssh/config; libssh2: speak SSH inside the daemon")
+      ->option_text("openssh|libssh2");
+  cmd->add_option("--ssh-command", o.ssh_command,
+                  "The OpenSSH client program to run (default ssh, looked up in PATH)");
   cmd->add_option("--timeout", cli->timeout_s,
                   "Seconds a read may spend retrying before it fails with EIO (default 30)");
   cmd->add_flag("-f,--foreground", o.foreground, "Stay in the foreground and log to stderr");

@@ -40,6 +40,8 @@ std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& 
                        : options.accept_new_host_key      ? HostKeyPolicy::kAcceptNew
                                                           : HostKeyPolicy::kStrict;
   so.stall_timeout = options.stall_timeout;
+  so.ssh_client = options.ssh_client;
+  so.ssh_command = options.ssh_command;
   return open_source(uri, so, status);
 }
 

@@ -31,6 +31,8 @@ struct MountOptions {
   std::string ca_file;  // https: trust these CAs instead of the system's
   bool accept_new_host_key = false;
   bool insecure_no_host_key_check = false;
+  SshClient ssh_client = SshClient::kOpenSsh;
+  std::string ssh_command = "ssh";
   std::chrono::milliseconds timeout{30000};  // retry budget of a request
   std::chrono::milliseconds stall_timeout{10000};
   bool foreground = false;

@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <fstream>
 #include <future>
 #include <thread>
 
@@ -60,10 +61,36 @@ std::vector<uint8_t> pread_bytes(int fd, uint64_t off, size_t len, int& err) {
   return buf;
 }
 
+// Live ssh client processes connecting to `port` (by their arguments).
+size_t ssh_clients_for(uint16_t port) {
+  size_t n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const auto name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(entry.path() / "cmdline");
+    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<std::string> args;
+    for (size_t at = 0; at < cmdline.size();) {
+      auto end = cmdline.find('\0', at);
+      if (end == std::string::npos) end = cmdline.size();
+      args.push_back(cmdline.substr(at, end - at));
+      at = end + 1;
+    }
+    if (args.empty() || std::filesystem::path(args[0]).filename() != "ssh") continue;
+    for (size_t i = 0; i + 1 < args.size(); ++i) {
+      if (args[i] == "-p" && args[i + 1] == std::to_string(port)) ++n;
+    }
+  }
+  return n;
+}
+
 }  // namespace
 
 TEST_CASE("over SFTP every served file reads byte-identical", "[mount][sftp]") {
-  SftpRig rig;
+  const bool libssh2 = GENERATE(false, true);
+  INFO((libssh2 ? "--ssh-client libssh2" : "OpenSSH's ssh (the default)"));
+  SftpRig rig(libssh2 ? std::vector<std::string>{"--ssh-client", "libssh2"}
+                      : std::vector<std::string>{});
   for (const auto& f : rig.catalog.files()) {
     INFO(f.path);
     auto expected = source_bytes(f.path, 0, f.size.value_or(kAppendSize));
@@ -81,6 +108,17 @@ TEST_CASE("over SFTP every served file reads byte-identical", "[mount][sftp]") {
   // The server read no byte more than the mount fetched.
   CHECK(rig.sshd.wait_for_closes(1, 5s));
   CHECK(rig.sshd.bytes_read() <= st["fetched_bytes"].get<uint64_t>());
+  // One ssh per session (at most --connections) with the OpenSSH client,
+  // none with libssh2; all gone with the daemon.
+  const auto clients = ssh_clients_for(rig.sshd.port());
+  if (libssh2) {
+    CHECK(clients == 0);
+  } else {
+    CHECK(clients >= 1);
+    CHECK(clients <= 4);
+  }
+  CHECK(rig.mount->stop());
+  CHECK(ssh_clients_for(rig.sshd.port()) == 0);
 }
 
 TEST_CASE("the mount outlives its source: EIO after the budget, cached bytes still served",
@@ -159,4 +197,14 @@ TEST_CASE("mounting with an unknown host key or an unreachable host fails clearl
                   (dir.path() / "mnt").string(), (dir.path() / "images").string(), uri});
   CHECK(r.status != 0);
   CHECK_THAT(r.err, Catch::Contains("127.0.0.1") && Catch::Contains("refused"));
+
+  r = run_lazyfs({"mount", "--ssh-client", "putty", (dir.path() / "mnt").string(),
+                  (dir.path() / "images").string(), uri});
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Catch::Contains("--ssh-client putty: use openssh or libssh2"));
+  r = run_lazyfs({"mount", "--cache-dir", (dir.path() / "c").string(), "--ssh-command",
+                  "/nonexistent/ssh", (dir.path() / "mnt").string(),
+                  (dir.path() / "images").string(), uri});
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Catch::Contains("cannot run the ssh client \"/nonexistent/ssh\""));
 }

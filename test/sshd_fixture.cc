@@ -311,8 +311,9 @@ void SshServer::resume() {
   ::kill(pid_, SIGCONT);
 }
 
-SftpOptions SshServer::options() const {
+SftpOptions SshServer::options(SshClient client) const {
   SftpOptions o;
+  o.client = client;
   o.user = "root";
   o.host = "127.0.0.1";
   o.port = port_;

@@ -62,7 +62,7 @@ class SshServer {
   const std::filesystem::path& wrong_known_hosts() const { return wrong_known_hosts_; }
 
   // Ready to connect as root with the user key and known_hosts.
-  SftpOptions options() const;
+  SftpOptions options(SshClient client = SshClient::kOpenSsh) const;
 
   // Sum of "bytes read" over sftp-server's closes, all files or one file.
   uint64_t bytes_read() const;

@@ -30,6 +30,8 @@ std::unique_ptr<Source> open_source(const std::string& uri, const SourceOptions&
   sftp.identity_files = options.identity_files;
   sftp.known_hosts = options.known_hosts;
   sftp.host_key_policy = options.host_key_policy;
+  sftp.client = options.ssh_client;
+  sftp.ssh_command = options.ssh_command;
   sftp.connect_timeout = options.connect_timeout;
   sftp.stall_timeout = options.stall_timeout;
   return make_sftp_source(sftp, status);

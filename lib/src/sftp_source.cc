@@ -1,5 +1,6 @@
 // SftpSource speaks SFTP version 3 (draft-ietf-secsh-filexfer-02) itself over
-// a libssh2 channel instead of using libssh2's sftp_* calls or libcurl.
+// an SSH channel (ssh_channel.h: OpenSSH's ssh client, or libssh2) instead of
+// using libssh2's sftp_* calls or libcurl.
 //
 // Why: libcurl's SFTP goes through libssh2's sftp_read, which reads ahead up
 // to four times the caller's buffer past the end of the asked range. Measured
@@ -15,18 +16,11 @@
 #include "lazyfs/sftp_source.h"
 
 #include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <pwd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
-#include <libssh2.h>
-#include <openssl/evp.h>
 
 #include <algorithm>
 #include <array>
@@ -47,9 +41,21 @@
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/log.h"
+#include "ssh_channel.h"
 
 namespace lazyfs {
+namespace detail {
+
+std::string errno_text(int errnum) {
+  return std::system_category().message(errnum);
+}
+
+}  // namespace detail
+
 namespace {
+
+using detail::SshChannel;
+using detail::SshSettings;
 
 constexpr std::string_view kLog = "sftp";
 
@@ -94,27 +100,10 @@ constexpr size_t kReadsInFlight = 32;
 // (read_many): their OPENs go out back to back, so a batch of small files
 // costs about one round trip, not two per file.
 constexpr size_t kFilesInFlight = 32;
-// The SSH channel's receive window. Larger than all reads in flight, so the
-// server never waits for a window adjustment.
-constexpr unsigned kChannelWindow = 16 * 1024 * 1024;
 // The largest reply we accept: a DATA of 261120 bytes and its header, with
 // room to spare. Anything larger is a broken stream.
 constexpr uint32_t kMaxReply = 1024 * 1024;
 constexpr size_t kReceiveBuffer = 2 * kMaxReply;
-
-void init_libssh2_once() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    if (libssh2_init(0) != 0) {
-      log::error(kLog, "libssh2_init failed");
-      std::abort();
-    }
-  });
-}
-
-std::string errno_text(int errnum) {
-  return std::system_category().message(errnum);
-}
 
 // The bracketed form OpenSSH and URIs use for an IPv6 address.
 std::string host_for_uri(const std::string& host) {
@@ -137,23 +126,6 @@ Passwd current_passwd() {
   }
   return out;
 }
-
-// What every session of a source needs, resolved once.
-struct Settings {
-  std::string user;
-  std::string host;
-  uint16_t port = 22;
-  std::string root;  // without a trailing slash: "" for "/"
-  unsigned connections = 4;
-  std::vector<std::string> identity_files;
-  std::string known_hosts;
-  HostKeyPolicy policy = HostKeyPolicy::kStrict;
-  std::chrono::milliseconds connect_timeout{};
-  std::chrono::milliseconds stall_timeout{};
-  std::string endpoint;  // host:port, for messages
-  std::string login;     // sftp://user@host:port, for messages
-  std::string uri;       // login + root, for describe()
-};
 
 // Builds outgoing SFTP packets: uint32 length, byte type, then fields, all
 // big-endian. Several packets may be queued and sent in one write.
@@ -182,7 +154,7 @@ class Outgoing {
     u32(static_cast<uint32_t>(s.size()));
     buf_.append(s);
   }
-  std::string_view bytes() const { return buf_; }
+  std::span<const std::byte> bytes() const { return std::as_bytes(std::span(buf_)); }
   bool empty() const { return buf_.empty(); }
   void clear() { buf_.clear(); }
 
@@ -255,169 +227,6 @@ bool parse_attrs(Fields& f, SourceStat& out) {
   return f.ok();
 }
 
-// OpenSSH's fingerprint format: "SHA256:" and unpadded base64.
-std::string sha256_fingerprint(LIBSSH2_SESSION* session) {
-  const char* hash = libssh2_hostkey_hash(session, LIBSSH2_HOSTKEY_HASH_SHA256);
-  if (!hash) return "unknown";
-  std::array<unsigned char, 64> out{};
-  int n = EVP_EncodeBlock(out.data(), reinterpret_cast<const unsigned char*>(hash), 32);
-  std::string b64(reinterpret_cast<const char*>(out.data()), static_cast<size_t>(std::max(n, 0)));
-  while (!b64.empty() && b64.back() == '=') b64.pop_back();
-  return "SHA256:" + b64;
-}
-
-// Host key types, in the order we prefer them, with the hostkey method names
-// that produce each.
-struct KeyType {
-  int knownhost_type;
-  int session_type;
-  const char* methods;
-};
-constexpr std::array<KeyType, 6> kKeyTypes{{
-    {LIBSSH2_KNOWNHOST_KEY_ED25519, LIBSSH2_HOSTKEY_TYPE_ED25519, "ssh-ed25519"},
-    {LIBSSH2_KNOWNHOST_KEY_ECDSA_256, LIBSSH2_HOSTKEY_TYPE_ECDSA_256, "ecdsa-sha2-nistp256"},
-    {LIBSSH2_KNOWNHOST_KEY_ECDSA_384, LIBSSH2_HOSTKEY_TYPE_ECDSA_384, "ecdsa-sha2-nistp384"},
-    {LIBSSH2_KNOWNHOST_KEY_ECDSA_521, LIBSSH2_HOSTKEY_TYPE_ECDSA_521, "ecdsa-sha2-nistp521"},
-    {LIBSSH2_KNOWNHOST_KEY_SSHRSA, LIBSSH2_HOSTKEY_TYPE_RSA, "rsa-sha2-512,rsa-sha2-256,ssh-rsa"},
-    {LIBSSH2_KNOWNHOST_KEY_SSHDSS, LIBSSH2_HOSTKEY_TYPE_DSS, "ssh-dss"},
-}};
-
-// A known_hosts file loaded into libssh2. Lines libssh2 cannot parse
-// (markers, key types it does not know) are skipped, not fatal, and the file
-// is never rewritten, only appended to, so that they survive.
-class KnownHosts {
- public:
-  explicit KnownHosts(LIBSSH2_SESSION* session) : hosts_(libssh2_knownhost_init(session)) {}
-  ~KnownHosts() {
-    if (hosts_) libssh2_knownhost_free(hosts_);
-  }
-  KnownHosts(const KnownHosts&) = delete;
-  KnownHosts& operator=(const KnownHosts&) = delete;
-
-  bool valid() const { return hosts_ != nullptr; }
-  LIBSSH2_KNOWNHOSTS* get() const { return hosts_; }
-
-  void load(const std::string& file) {
-    std::ifstream in(file);
-    std::string line;
-    size_t skipped = 0;
-    while (std::getline(in, line)) {
-      auto first = line.find_first_not_of(" \t");
-      if (first == std::string::npos || line[first] == '#') continue;
-      if (libssh2_knownhost_readline(hosts_, line.data(), line.size(),
-                                     LIBSSH2_KNOWNHOST_FILE_OPENSSH) != 0) {
-        ++skipped;
-      }
-    }
-    if (skipped) log::debug(kLog, "known_hosts file={} skipped_lines={}", file, skipped);
-  }
-
-  // Whether known_hosts holds a key of `type` for host:port. A probe with a
-  // key that matches nothing reports MISMATCH exactly when such an entry
-  // exists (libssh2 compares keys of the same type only); this also finds
-  // hashed entries.
-  bool has_key_type(const std::string& host, int port, int type) const {
-    return libssh2_knownhost_checkp(
-               hosts_, host.c_str(), port, "AAAA", 0,
-               LIBSSH2_KNOWNHOST_TYPE_PLAIN | LIBSSH2_KNOWNHOST_KEYENC_BASE64 | type,
-               nullptr) == LIBSSH2_KNOWNHOST_CHECK_MISMATCH;
-  }
-
- private:
-  LIBSSH2_KNOWNHOSTS* hosts_;
-};
-
-// Maps a libssh2 error on a session to a transient Status.
-Status session_error(LIBSSH2_SESSION* session, int rc, const std::string& what,
-                     const std::string& login, std::chrono::milliseconds timeout) {
-  char* msg = nullptr;
-  int last = libssh2_session_last_error(session, &msg, nullptr, 0);
-  if (rc >= 0) rc = last;
-  std::string text = msg && *msg ? msg : fmt::format("libssh2 error {}", rc);
-  int errnum = EIO;
-  switch (rc) {
-    case LIBSSH2_ERROR_TIMEOUT:
-    case LIBSSH2_ERROR_SOCKET_TIMEOUT:
-      errnum = ETIMEDOUT;
-      text = fmt::format("no progress for {} ms", timeout.count());
-      break;
-    case LIBSSH2_ERROR_SOCKET_SEND:
-    case LIBSSH2_ERROR_SOCKET_RECV:
-    case LIBSSH2_ERROR_SOCKET_DISCONNECT:
-    case LIBSSH2_ERROR_SOCKET_NONE:
-    case LIBSSH2_ERROR_CHANNEL_CLOSED:
-    case LIBSSH2_ERROR_CHANNEL_EOF_SENT:
-    case LIBSSH2_ERROR_CHANNEL_FAILURE:
-      errnum = ECONNRESET;
-      break;
-    default:
-      break;
-  }
-  return Status::transient(errnum, fmt::format("{} on {}: {}", what, login, text));
-}
-
-Status tcp_connect(const Settings& s, UniqueFd& out) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
-  addrinfo* found = nullptr;
-  auto port = std::to_string(s.port);
-  int rc = ::getaddrinfo(s.host.c_str(), port.c_str(), &hints, &found);
-  if (rc != 0) {
-    return Status::transient(EHOSTUNREACH,
-                             fmt::format("cannot connect to {}: {}", s.login, ::gai_strerror(rc)));
-  }
-  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> addrs(found, &::freeaddrinfo);
-  const auto deadline = std::chrono::steady_clock::now() + s.connect_timeout;
-  int last_error = EHOSTUNREACH;
-  for (auto* ai = addrs.get(); ai; ai = ai->ai_next) {
-    UniqueFd fd(
-        ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol));
-    if (!fd) {
-      last_error = errno;
-      continue;
-    }
-    if (::connect(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-      if (errno != EINPROGRESS) {
-        last_error = errno;
-        continue;
-      }
-      pollfd pfd{fd.get(), POLLOUT, 0};
-      int ready = 0;
-      do {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-            deadline - std::chrono::steady_clock::now());
-        ready = ::poll(&pfd, 1, static_cast<int>(std::max<int64_t>(left.count(), 0)));
-      } while (ready < 0 && errno == EINTR);
-      if (ready <= 0) {
-        last_error = ready == 0 ? ETIMEDOUT : errno;
-        continue;
-      }
-      int err = 0;
-      socklen_t len = sizeof err;
-      if (::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-      if (err != 0) {
-        last_error = err;
-        continue;
-      }
-    }
-    // libssh2 runs the socket in blocking mode and times out by itself.
-    int flags = ::fcntl(fd.get(), F_GETFL);
-    if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
-      last_error = errno;
-      continue;
-    }
-    // Pipelined READs are small writes that must not wait for Nagle.
-    int one = 1;
-    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    out = std::move(fd);
-    return {};
-  }
-  return Status::transient(
-      last_error, fmt::format("cannot connect to {}: {}", s.login, errno_text(last_error)));
-}
-
 // A READ covering [offset, offset + length), re-sent for the rest after a
 // short DATA; `held` keeps bytes that arrived before those in front.
 struct PendingRead {
@@ -459,8 +268,10 @@ struct Transfer {
 // checked it out of the pool.
 class Session {
  public:
-  explicit Session(const Settings& settings) : s_(settings) {}
-  ~Session();
+  explicit Session(const SshSettings& settings) : s_(settings) {}
+  ~Session() {
+    if (broken_ && channel_) channel_->abandon();
+  }
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
@@ -491,12 +302,9 @@ class Session {
     std::span<const std::byte> body;  // after the id; valid until the next receive
   };
 
-  void prefer_known_key_types(const KnownHosts& known);
-  Status check_host_key(KnownHosts& known, std::mutex& known_hosts_mu);
-  Status authenticate();
   Status start_sftp();
 
-  Status fail(int rc, const std::string& what);
+  Status channel_error(Status st);
   Status protocol_error(const std::string& what);
   Status status_error(Fields& f, const std::string& remote);
 
@@ -512,14 +320,10 @@ class Session {
   void queue_read(Outgoing& out, const std::string& handle, const PendingRead& p);
   uint32_t queue_close(Outgoing& out, const std::string& handle);
 
-  const Settings& s_;
-  UniqueFd fd_;
-  LIBSSH2_SESSION* session_ = nullptr;
-  LIBSSH2_CHANNEL* channel_ = nullptr;
+  const SshSettings& s_;
+  std::unique_ptr<SshChannel> channel_;
   bool broken_ = false;
   bool timed_out_ = false;
-  std::chrono::milliseconds timeout_{};  // the one set on session_ now
-  bool host_known_ = false;              // known_hosts has some key for the host
   uint32_t next_id_ = 1;
   std::string open_path_;    // the file kept open since the last read, if any
   std::string open_handle_;  // its SFTP handle
@@ -528,22 +332,8 @@ class Session {
   size_t rend_ = 0;
 };
 
-Session::~Session() {
-  if (broken_ && fd_) {
-    // Make every further socket call fail at once, so that tearing down a
-    // dead or stalled session cannot wait for the peer.
-    ::shutdown(fd_.get(), SHUT_RDWR);
-  }
-  if (channel_) libssh2_channel_free(channel_);
-  if (session_) {
-    if (!broken_) libssh2_session_disconnect(session_, "lazyfs closing");
-    libssh2_session_free(session_);
-  }
-}
-
-Status Session::fail(int rc, const std::string& what) {
+Status Session::channel_error(Status st) {
   broken_ = true;
-  Status st = session_error(session_, rc, what, s_.login, timeout_);
   timed_out_ = st.errnum() == ETIMEDOUT;
   return st;
 }
@@ -578,232 +368,23 @@ Status Session::status_error(Fields& f, const std::string& remote) {
 }
 
 Status Session::connect(std::mutex& known_hosts_mu) {
-  auto st = tcp_connect(s_, fd_);
-  if (!st.ok()) return st;
-  session_ = libssh2_session_init();
-  if (!session_) return Status::transient(ENOMEM, "cannot create an SSH session");
-  libssh2_session_set_blocking(session_, 1);
-  timeout_ = s_.connect_timeout;
-  libssh2_session_set_timeout(session_, static_cast<long>(timeout_.count()));
-
-  KnownHosts known(session_);
-  if (s_.policy != HostKeyPolicy::kInsecure) {
-    if (!known.valid()) return Status::transient(ENOMEM, "cannot create a known_hosts collection");
-    {
-      std::lock_guard lock(known_hosts_mu);
-      known.load(s_.known_hosts);
-    }
-    prefer_known_key_types(known);
+  if (s_.client == SshClient::kLibssh2) {
+    auto st = detail::open_libssh2_channel(s_, known_hosts_mu, channel_);
+    if (!st.ok()) return channel_error(std::move(st));
+    return start_sftp();
   }
-
-  int rc = libssh2_session_handshake(session_, fd_.get());
-  if (rc != 0) return fail(rc, "SSH handshake");
-  st = check_host_key(known, known_hosts_mu);
-  if (!st.ok()) return st;
-  st = authenticate();
-  if (!st.ok()) return st;
-  st = start_sftp();
-  if (!st.ok()) return st;
-  timeout_ = s_.stall_timeout;
-  libssh2_session_set_timeout(session_, static_cast<long>(timeout_.count()));
-  return {};
-}
-
-// libssh2 1.10 asks for ECDSA host keys first. If known_hosts holds another
-// type for this host (OpenSSH records ed25519 first), ask for the known types
-// first, or the check would look up a key type that is not there. The other
-// types follow, so a server without the known type still completes the
-// handshake and gets a clear refusal.
-void Session::prefer_known_key_types(const KnownHosts& known) {
-  // libssh2 1.10 strips methods it does not support from a preference list
-  // with an overlapping memcpy (AddressSanitizer catches it): offer only
-  // supported ones.
-  std::set<std::string, std::less<>> supported;
-  const char** algs = nullptr;
-  int count = libssh2_session_supported_algs(session_, LIBSSH2_METHOD_HOSTKEY, &algs);
-  for (int i = 0; i < count; ++i) supported.insert(algs[i]);
-  if (algs) libssh2_free(session_, algs);
-
-  std::string known_methods, other_methods;
-  for (const auto& t : kKeyTypes) {
-    const bool is_known = known.has_key_type(s_.host, s_.port, t.knownhost_type);
-    host_known_ = host_known_ || is_known;
-    auto& list = is_known ? known_methods : other_methods;
-    std::string_view names = t.methods;
-    while (!names.empty()) {
-      auto comma = names.find(',');
-      auto name = names.substr(0, comma);
-      names = comma == std::string_view::npos ? std::string_view() : names.substr(comma + 1);
-      if (!supported.count(name)) continue;
-      if (!list.empty()) list += ',';
-      list += name;
-    }
-  }
-  if (!host_known_ || known_methods.empty()) return;
-  auto methods = other_methods.empty() ? known_methods : known_methods + "," + other_methods;
-  if (libssh2_session_method_pref(session_, LIBSSH2_METHOD_HOSTKEY, methods.c_str()) != 0) {
-    log::warn(kLog, "host key preference not accepted endpoint={} methods={}", s_.endpoint,
-              methods);
-  }
-}
-
-Status Session::check_host_key(KnownHosts& known, std::mutex& known_hosts_mu) {
-  size_t len = 0;
-  int type = 0;
-  const char* key = libssh2_session_hostkey(session_, &len, &type);
-  if (!key) return fail(0, "reading the host key");
-  auto fingerprint = sha256_fingerprint(session_);
-  if (s_.policy == HostKeyPolicy::kInsecure) {
-    log::warn(kLog, "host key NOT checked (insecure policy) endpoint={} fingerprint={}",
-              s_.endpoint, fingerprint);
-    return {};
-  }
-  int key_type = LIBSSH2_KNOWNHOST_KEY_UNKNOWN;
-  for (const auto& t : kKeyTypes) {
-    if (t.session_type == type) key_type = t.knownhost_type;
-  }
-  const int typemask = LIBSSH2_KNOWNHOST_TYPE_PLAIN | LIBSSH2_KNOWNHOST_KEYENC_RAW | key_type;
-  auto check = [&](KnownHosts& hosts) {
-    return libssh2_knownhost_checkp(hosts.get(), s_.host.c_str(), s_.port, key, len, typemask,
-                                    nullptr);
-  };
-  int rc = check(known);
-  if (rc == LIBSSH2_KNOWNHOST_CHECK_MATCH) return {};
-  if (rc == LIBSSH2_KNOWNHOST_CHECK_MISMATCH) {
-    return Status::permanent(
-        EACCES, fmt::format("host key for {} does not match the one in {}: refusing to connect "
-                            "(possible man-in-the-middle; offered {})",
-                            s_.endpoint, s_.known_hosts, fingerprint));
-  }
-  if (rc != LIBSSH2_KNOWNHOST_CHECK_NOTFOUND) {
-    return Status::permanent(EIO, fmt::format("cannot check the host key for {} against {}",
-                                              s_.endpoint, s_.known_hosts));
-  }
-  if (host_known_) {
-    // Known under another key type only: the server no longer offers the
-    // key we know. Accepting the new one would defeat accept-new's promise.
-    return Status::permanent(
-        EACCES, fmt::format("host key for {} is not in {}, which holds other key types for it: "
-                            "refusing to connect (possible man-in-the-middle; offered {})",
-                            s_.endpoint, s_.known_hosts, fingerprint));
-  }
-  if (s_.policy != HostKeyPolicy::kAcceptNew) {
-    return Status::permanent(
-        EACCES, fmt::format("host key for {} is not in {} (use --accept-new-host-key to add it; "
-                            "offered {})",
-                            s_.endpoint, s_.known_hosts, fingerprint));
-  }
-
-  // Re-read under the lock: another session may have added it meanwhile.
-  std::lock_guard lock(known_hosts_mu);
-  KnownHosts fresh(session_);
-  if (!fresh.valid()) return Status::transient(ENOMEM, "cannot create a known_hosts collection");
-  fresh.load(s_.known_hosts);
-  rc = check(fresh);
-  if (rc == LIBSSH2_KNOWNHOST_CHECK_MATCH) return {};
-  if (rc == LIBSSH2_KNOWNHOST_CHECK_MISMATCH) {
-    return Status::permanent(
-        EACCES, fmt::format("host key for {} does not match the one in {}: refusing to connect "
-                            "(possible man-in-the-middle)",
-                            s_.endpoint, s_.known_hosts));
-  }
-  // OpenSSH's form: the bare host on port 22, "[host]:port" otherwise.
-  auto name = s_.port == 22 ? s_.host : fmt::format("[{}]:{}", s_.host, s_.port);
-  libssh2_knownhost* entry = nullptr;
-  if (libssh2_knownhost_addc(fresh.get(), name.c_str(), nullptr, key, len, nullptr, 0, typemask,
-                             &entry) != 0) {
-    return Status::permanent(EIO, fmt::format("cannot add the host key for {}", s_.endpoint));
-  }
-  std::array<char, 8192> line{};
-  size_t line_len = 0;
-  if (libssh2_knownhost_writeline(fresh.get(), entry, line.data(), line.size(), &line_len,
-                                  LIBSSH2_KNOWNHOST_FILE_OPENSSH) != 0) {
-    return Status::permanent(EIO, fmt::format("cannot format the host key for {}", s_.endpoint));
-  }
-  std::error_code ec;
-  auto dir = std::filesystem::path(s_.known_hosts).parent_path();
-  if (!dir.empty() && !std::filesystem::exists(dir, ec)) {
-    std::filesystem::create_directories(dir, ec);
-    std::filesystem::permissions(dir, std::filesystem::perms::owner_all, ec);
-  }
-  // Appended, never rewritten, so lines libssh2 does not understand stay.
-  UniqueFd out(::open(s_.known_hosts.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644));
-  if (!out) {
-    return Status::permanent(errno, fmt::format("cannot add the host key for {} to {}: {}",
-                                                s_.endpoint, s_.known_hosts, errno_text(errno)));
-  }
-  std::string_view text(line.data(), line_len);
-  while (!text.empty()) {
-    ssize_t n = ::write(out.get(), text.data(), text.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      return Status::permanent(
-          errno, fmt::format("cannot write {}: {}", s_.known_hosts, errno_text(errno)));
-    }
-    text.remove_prefix(static_cast<size_t>(n));
-  }
-  log::info(kLog, "added host key endpoint={} fingerprint={} file={}", s_.endpoint, fingerprint,
-            s_.known_hosts);
-  return {};
-}
-
-Status Session::authenticate() {
-  std::vector<std::string> tried;
-  if (::getenv("SSH_AUTH_SOCK")) {
-    tried.push_back("ssh-agent");
-    LIBSSH2_AGENT* agent = libssh2_agent_init(session_);
-    if (agent) {
-      if (libssh2_agent_connect(agent) == 0 && libssh2_agent_list_identities(agent) == 0) {
-        libssh2_agent_publickey* identity = nullptr;
-        libssh2_agent_publickey* prev = nullptr;
-        while (libssh2_agent_get_identity(agent, &identity, prev) == 0) {
-          if (libssh2_agent_userauth(agent, s_.user.c_str(), identity) == 0) break;
-          prev = identity;
-        }
-        libssh2_agent_disconnect(agent);
-      }
-      libssh2_agent_free(agent);
-    }
-    if (libssh2_userauth_authenticated(session_)) return {};
-  }
-  for (const auto& key : s_.identity_files) {
-    tried.push_back(key);
-    auto pub = key + ".pub";
-    std::error_code ec;
-    bool have_pub = std::filesystem::exists(pub, ec);
-    int rc = libssh2_userauth_publickey_fromfile_ex(
-        session_, s_.user.c_str(), static_cast<unsigned>(s_.user.size()),
-        have_pub ? pub.c_str() : nullptr, key.c_str(), nullptr);
-    if (rc == 0) return {};
-    switch (rc) {
-      case LIBSSH2_ERROR_TIMEOUT:
-      case LIBSSH2_ERROR_SOCKET_SEND:
-      case LIBSSH2_ERROR_SOCKET_RECV:
-      case LIBSSH2_ERROR_SOCKET_DISCONNECT:
-      case LIBSSH2_ERROR_SOCKET_TIMEOUT:
-        return fail(rc, "authentication");
-      default:
-        log::debug(kLog, "key not accepted endpoint={} key={} rc={}", s_.endpoint, key, rc);
-    }
-  }
-  std::string list;
-  for (const auto& t : tried) list += (list.empty() ? "" : ", ") + t;
-  return Status::permanent(
-      EACCES, fmt::format("authentication failed for {}@{} (tried: {})", s_.user, s_.endpoint,
-                          list.empty() ? "no agent, no identity file" : list));
+  // ssh appends a new host key itself: under accept-new, sessions connect
+  // one at a time until their VERSION (the key is settled by then), or two
+  // of them could add the same key twice.
+  std::unique_lock lock(known_hosts_mu, std::defer_lock);
+  if (s_.policy == HostKeyPolicy::kAcceptNew) lock.lock();
+  auto st = detail::open_openssh_channel(s_, channel_);
+  if (!st.ok()) return channel_error(std::move(st));
+  return start_sftp();
 }
 
 Status Session::start_sftp() {
-  channel_ = libssh2_channel_open_ex(session_, "session", sizeof("session") - 1, kChannelWindow,
-                                     LIBSSH2_CHANNEL_PACKET_DEFAULT, nullptr, 0);
-  if (!channel_) return fail(0, "opening an SSH channel");
-  // The server's stderr is of no use to us and must not fill the window.
-  libssh2_channel_handle_extended_data2(channel_, LIBSSH2_CHANNEL_EXTENDED_DATA_IGNORE);
-  int rc = libssh2_channel_process_startup(channel_, "subsystem", sizeof("subsystem") - 1, "sftp",
-                                           sizeof("sftp") - 1);
-  if (rc != 0) return fail(rc, "starting the sftp subsystem");
   rbuf_.resize(kReceiveBuffer);
-
   Outgoing init;
   init.begin(kFxpInit);
   init.u32(kSftpVersion);
@@ -833,13 +414,8 @@ Status Session::start_sftp() {
 }
 
 Status Session::send(const Outgoing& out) {
-  auto data = out.bytes();
-  while (!data.empty()) {
-    ssize_t n = libssh2_channel_write(channel_, data.data(), data.size());
-    if (n < 0) return fail(static_cast<int>(n), "sending");
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return {};
+  auto st = channel_->write(out.bytes());
+  return st.ok() ? st : channel_error(std::move(st));
 }
 
 // Makes `need` bytes from rpos_ available in rbuf_.
@@ -851,17 +427,10 @@ Status Session::fill(size_t need) {
     rpos_ = 0;
   }
   while (rend_ - rpos_ < need) {
-    ssize_t n = libssh2_channel_read(channel_, reinterpret_cast<char*>(rbuf_.data() + rend_),
-                                     rbuf_.size() - rend_);
-    if (n < 0) return fail(static_cast<int>(n), "receiving");
-    if (n == 0) {
-      int last = libssh2_session_last_errno(session_);
-      if (last == LIBSSH2_ERROR_TIMEOUT) return fail(last, "receiving");
-      broken_ = true;
-      return Status::transient(ECONNRESET,
-                               fmt::format("receiving on {}: connection closed", s_.login));
-    }
-    rend_ += static_cast<size_t>(n);
+    size_t got = 0;
+    auto st = channel_->read(std::span(rbuf_).subspan(rend_), got);
+    if (!st.ok()) return channel_error(std::move(st));
+    rend_ += got;
   }
   return {};
 }
@@ -1202,7 +771,7 @@ void Session::deliver_front(Transfer& t) {
 
 class SftpSource final : public Source {
  public:
-  explicit SftpSource(Settings settings) : s_(std::move(settings)) {}
+  explicit SftpSource(SshSettings settings) : s_(std::move(settings)) {}
 
   std::string describe() const override { return s_.uri; }
   unsigned max_concurrency() const override { return s_.connections; }
@@ -1417,7 +986,7 @@ class SftpSource final : public Source {
     cv_.notify_one();
   }
 
-  const Settings s_;
+  const SshSettings s_;
   std::mutex known_hosts_mu_;  // serialises reading and appending known_hosts
   std::mutex mu_;
   std::condition_variable cv_;
@@ -1428,8 +997,9 @@ class SftpSource final : public Source {
   std::vector<std::thread> warmers_;  // joined on destruction
 };
 
+// Also refuses a leading '-': an ssh client would read it as an option.
 bool valid_host(std::string_view host) {
-  if (host.empty()) return false;
+  if (host.empty() || host.front() == '-') return false;
   return std::none_of(host.begin(), host.end(), [](char c) {
     return static_cast<unsigned char>(c) <= ' ' || c == '/' || c == '@' || c == '[' || c == ']' ||
            c == '?' || c == '#' || c == 0x7f;
@@ -1544,8 +1114,9 @@ bool parse_sftp_uri(const std::string& uri, SftpOptions& options, std::string& e
 }
 
 std::unique_ptr<Source> make_sftp_source(const SftpOptions& options, Status& status) {
-  init_libssh2_once();
-  Settings s;
+  SshSettings s;
+  s.client = options.client;
+  s.ssh_command = options.ssh_command;
   s.host = options.host;
   s.port = options.port;
   s.connections = options.connections;
@@ -1554,6 +1125,11 @@ std::unique_ptr<Source> make_sftp_source(const SftpOptions& options, Status& sta
   s.stall_timeout = options.stall_timeout;
   if (s.host.empty()) {
     status = Status::permanent(EINVAL, "no SFTP host given");
+    return nullptr;
+  }
+  if (!valid_host(s.host) || (!options.user.empty() && !valid_host(options.user))) {
+    status = Status::permanent(
+        EINVAL, fmt::format("bad SFTP user or host \"{}@{}\"", options.user, s.host));
     return nullptr;
   }
   if (s.port == 0) {

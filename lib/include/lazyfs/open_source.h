@@ -20,6 +20,8 @@ struct SourceOptions {
   std::vector<std::string> identity_files;  // SFTP: empty = agent, then ~/.ssh defaults
   std::string known_hosts;                  // SFTP: empty = ~/.ssh/known_hosts
   HostKeyPolicy host_key_policy = HostKeyPolicy::kStrict;
+  SshClient ssh_client = SshClient::kOpenSsh;  // SFTP: OpenSSH's ssh, or libssh2
+  std::string ssh_command = "ssh";             // SFTP: the OpenSSH client program
   std::string ca_file;  // HTTPS: trust the CAs in this PEM file; empty = the system's
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds stall_timeout{10000};

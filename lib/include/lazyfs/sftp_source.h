@@ -1,15 +1,20 @@
 // SftpSource: reads a checkpoint's files from the source host over SFTP.
 //
-// Each pooled connection is one SSH session (libssh2) with one SFTP channel,
-// reused for every request it serves: never a handshake per request. Reads
+// Each pooled connection is one SSH session with one SFTP channel, reused for
+// every request it serves: never a handshake per request. The SSH session is
+// OpenSSH's ssh client run as a child process (the default: its ciphers are
+// several times cheaper per byte than libssh2 1.10's, and it honours
+// ~/.ssh/config) or libssh2 inside this process. Either way lazyfs speaks
+// SFTP itself on the channel. Reads
 // are sent as pipelined SFTP READ requests covering exactly the asked range,
 // so the server reads no byte past it (libcurl's SFTP, through libssh2's
 // sftp_read, reads ahead up to four transfer buffers past a range's end).
 //
 // Authentication: ssh-agent, then the given identity files, or by default
-// ~/.ssh/id_ed25519, id_ecdsa and id_rsa. Host keys are checked against a
-// known_hosts file; an unknown or changed key refuses to connect unless the
-// policy says otherwise.
+// ~/.ssh/id_ed25519, id_ecdsa and id_rsa (the ssh client also tries what
+// ~/.ssh/config names). Host keys are checked against a known_hosts file; an
+// unknown or changed key refuses to connect unless the policy says otherwise.
+// The ssh client runs with BatchMode (it never prompts).
 #pragma once
 
 #include <chrono>
@@ -27,8 +32,15 @@ enum class HostKeyPolicy {
   kInsecure,   // check nothing (logged loudly at every connect)
 };
 
+enum class SshClient {
+  kOpenSsh,  // OpenSSH's ssh, one child process per session
+  kLibssh2,  // libssh2 in this process
+};
+
 struct SftpOptions {
-  std::string user;  // empty: $USER, or the name of the current uid
+  SshClient client = SshClient::kOpenSsh;
+  std::string ssh_command = "ssh";  // the OpenSSH client: a path, or a name looked up in PATH
+  std::string user;                 // empty: $USER, or the name of the current uid
   std::string host;
   uint16_t port = 22;
   std::string root = "/";                   // remote root
