@@ -248,6 +248,9 @@ Runner add_mount_command(CLI::App& app) {
       ->option_text("openssh|libssh2");
   cmd->add_option("--ssh-command", o.ssh_command,
                   "The OpenSSH client program to run (default ssh, looked up in PATH)");
+  cmd->add_option("--ssh-option", o.ssh_options,
+                  "Pass ssh this -o option (NAME=VALUE), ahead of lazyfs's own so that it wins "
+                  "(repeatable)");
   cmd->add_option("--timeout", cli->timeout_s,
                   "Seconds a read may spend retrying before it fails with EIO (default 30)");
   cmd->add_flag("-f,--foreground", o.foreground, "Stay in the foreground and log to stderr");

@@ -42,6 +42,7 @@ std::unique_ptr<Source> make_source(const std::string& uri, const MountOptions& 
   so.stall_timeout = options.stall_timeout;
   so.ssh_client = options.ssh_client;
   so.ssh_command = options.ssh_command;
+  so.ssh_options = options.ssh_options;
   return open_source(uri, so, status);
 }
 

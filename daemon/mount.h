@@ -33,6 +33,7 @@ struct MountOptions {
   bool insecure_no_host_key_check = false;
   SshClient ssh_client = SshClient::kOpenSsh;
   std::string ssh_command = "ssh";
+  std::vector<std::string> ssh_options;
   std::chrono::milliseconds timeout{30000};  // retry budget of a request
   std::chrono::milliseconds stall_timeout{10000};
   bool foreground = false;

@@ -705,6 +705,20 @@ TEST_CASE("sftp source (OpenSSH client): a missing ssh program is a clear perman
                                Catch::Contains("--ssh-client libssh2"));
 }
 
+TEST_CASE("sftp source (OpenSSH client): the user's ssh options come before lazyfs's",
+          "[sftp]") {
+  SshServer server;
+  auto options = server.options(SshClient::kOpenSsh);
+  // lazyfs asks for curve25519 first; the user's choice wins, here one the
+  // server refuses.
+  options.ssh_options = {"KexAlgorithms=diffie-hellman-group1-sha1"};
+  Status st;
+  CHECK_FALSE(make_sftp_source(options, st));
+  CHECK_THAT(st.message(), Catch::Contains("no matching key exchange method"));
+  options.ssh_options = {"KexAlgorithms=curve25519-sha256", "Ciphers=aes256-ctr"};
+  connect(options);
+}
+
 TEST_CASE("sftp source (OpenSSH client): a host name is never taken for an ssh option", "[sftp]") {
   SftpOptions options;
   std::string error;

@@ -32,6 +32,7 @@ std::unique_ptr<Source> open_source(const std::string& uri, const SourceOptions&
   sftp.host_key_policy = options.host_key_policy;
   sftp.client = options.ssh_client;
   sftp.ssh_command = options.ssh_command;
+  sftp.ssh_options = options.ssh_options;
   sftp.connect_timeout = options.connect_timeout;
   sftp.stall_timeout = options.stall_timeout;
   return make_sftp_source(sftp, status);

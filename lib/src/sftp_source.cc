@@ -1117,6 +1117,7 @@ std::unique_ptr<Source> make_sftp_source(const SftpOptions& options, Status& sta
   SshSettings s;
   s.client = options.client;
   s.ssh_command = options.ssh_command;
+  s.ssh_options = options.ssh_options;
   s.host = options.host;
   s.port = options.port;
   s.connections = options.connections;

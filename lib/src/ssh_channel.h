@@ -24,6 +24,7 @@ namespace lazyfs::detail {
 struct SshSettings {
   SshClient client = SshClient::kOpenSsh;
   std::string ssh_command;  // the OpenSSH client program
+  std::vector<std::string> ssh_options;  // -o options, ahead of lazyfs's own
   std::string user;
   std::string host;
   uint16_t port = 22;

@@ -22,6 +22,7 @@ struct SourceOptions {
   HostKeyPolicy host_key_policy = HostKeyPolicy::kStrict;
   SshClient ssh_client = SshClient::kOpenSsh;  // SFTP: OpenSSH's ssh, or libssh2
   std::string ssh_command = "ssh";             // SFTP: the OpenSSH client program
+  std::vector<std::string> ssh_options;        // SFTP: ssh -o options, ahead of lazyfs's
   std::string ca_file;  // HTTPS: trust the CAs in this PEM file; empty = the system's
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds stall_timeout{10000};

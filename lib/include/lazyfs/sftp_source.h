@@ -40,7 +40,10 @@ enum class SshClient {
 struct SftpOptions {
   SshClient client = SshClient::kOpenSsh;
   std::string ssh_command = "ssh";  // the OpenSSH client: a path, or a name looked up in PATH
-  std::string user;                 // empty: $USER, or the name of the current uid
+  // ssh_config options ("Name=value") given to ssh before lazyfs's own, so
+  // that they win (ssh keeps the first value it sees for an option).
+  std::vector<std::string> ssh_options;
+  std::string user;  // empty: $USER, or the name of the current uid
   std::string host;
   uint16_t port = 22;
   std::string root = "/";                   // remote root
