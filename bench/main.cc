@@ -57,6 +57,7 @@ struct Options {
   std::string data_dir;
   bool keep = false;
   bool verbose = false;
+  std::vector<std::string> lazyfs_options;
 };
 
 std::string gib(uint64_t bytes) {
@@ -243,7 +244,7 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
     lb::SshServer ssh(scratch / "ssh", link);
     lb::DelayRelay relay(link.inner_address(), 22);
     ssh.trust_at(relay.port());
-    lb::BenchContext ctx{scratch, source_root, bin_dir, &ssh, &relay, o.verbose};
+    lb::BenchContext ctx{scratch, source_root, bin_dir, &ssh, &relay, o.verbose, o.lazyfs_options};
 
     std::unique_ptr<lb::CriuMigration> criu;
     if (!o.criu.empty()) {
@@ -314,7 +315,8 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
                      {"criu_version", criu_version},
                      {"links", link_list},
                      {"methods", method_list},
-                     {"scenarios", scenario_list}};
+                     {"scenarios", scenario_list},
+                     {"lazyfs_options", o.lazyfs_options}};
     nlohmann::json links = nlohmann::json::array();
     for (const auto& l : link_specs()) {
       if (std::find(link_list.begin(), link_list.end(), l.name) == link_list.end()) continue;
@@ -391,6 +393,10 @@ int main(int argc, char** argv) {
                  "inside the scratch directory, removed at the end)");
   app.add_flag("--keep-scratch", o.keep, "Leave the scratch directory (logs) behind");
   app.add_flag("-v,--verbose", o.verbose, "Print every command run");
+  app.add_option(
+      "--lazyfs-option", o.lazyfs_options,
+      "Give every `lazyfs mount` this option too, e.g. --lazyfs-option=--fill-alongside=4M "
+      "(repeatable; write it with '=')");
   CLI11_PARSE(app, argc, argv);
   if (o.quick) {
     if (!scale_set) o.scale = 0.01;

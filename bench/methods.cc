@@ -207,6 +207,7 @@ class LazyfsMount {
         image_dir.string(),
         fmt::format("sftp://root@127.0.0.1:{}{}", ctx.relay->port(), remote_root.string())};
     argv.insert(argv.begin() + 2, extra.begin(), extra.end());
+    argv.insert(argv.begin() + 2, ctx.lazyfs_options.begin(), ctx.lazyfs_options.end());
     if (ctx.verbose) fmt::print(stderr, "+ {}\n", command_line(argv));
     cleanup_id_ = CleanupStack::push("lazyfs mount " + mountpoint.string(), [this] { stop(); });
     try {

@@ -37,6 +37,7 @@ struct BenchContext {
   const SshServer* ssh = nullptr;
   DelayRelay* relay = nullptr;
   bool verbose = false;
+  std::vector<std::string> lazyfs_options;  // --lazyfs-option: added to every lazyfs mount
 };
 
 // One scenario ready to run: its checkpoint and plan, or its CRIU dump.

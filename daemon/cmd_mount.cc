@@ -25,6 +25,7 @@ struct MountCli {
   std::string log_level = "info";
   std::string ssh_client = "openssh";
   std::string fill_rate;
+  std::string fill_alongside;
   unsigned trace_seconds = 60;
   std::string prefetch;
   double prefetch_wait_s = 0;
@@ -95,6 +96,14 @@ int mount_command(MountCli& cli) {
   if (!cli.fill_rate.empty()) {
     if (!parse_size(cli.fill_rate, o.fill_rate) || o.fill_rate == 0) {
       print_error(fmt::format("--fill-rate {}: need bytes per second, e.g. 50M", cli.fill_rate));
+      return kExitBadInput;
+    }
+    o.fill = true;
+  }
+  if (!cli.fill_alongside.empty()) {
+    if (!parse_size(cli.fill_alongside, o.fill_alongside) || o.fill_alongside == 0) {
+      print_error(
+          fmt::format("--fill-alongside {}: need a size in bytes, e.g. 4M", cli.fill_alongside));
       return kExitBadInput;
     }
     o.fill = true;
@@ -265,6 +274,11 @@ Runner add_mount_command(CLI::App& app) {
                 "source is no longer needed (see `lazyfs status --wait`)");
   cmd->add_option("--fill-rate", cli->fill_rate,
                   "Cap the fill's bandwidth, bytes per second (e.g. 50M); implies --fill");
+  cmd->add_option("--fill-alongside", cli->fill_alongside,
+                  "Let the fill keep this many bytes in flight while readers are missing "
+                  "(e.g. 4M) instead of pausing for them: the source is released sooner where "
+                  "the restore leaves CPU and link idle, at a cost to it elsewhere; implies "
+                  "--fill");
   cmd->add_option("--record-trace", o.record_trace,
                   "Write which blocks were read in the first --trace-seconds to this file");
   cmd->add_option("--trace-seconds", cli->trace_seconds, "How long to record (default 60)");

@@ -302,6 +302,7 @@ void Filesystem::Impl::start_extras() {
   if (options.fill) {
     FillOptions fill_options;
     fill_options.rate = options.fill_rate;
+    fill_options.alongside = options.fill_alongside;
     fill_options.first = trace_order;
     fill = std::make_unique<BackgroundFill>(*engine, fill_options);
     extras.fill = fill.get();

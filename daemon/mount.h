@@ -43,6 +43,7 @@ struct MountOptions {
   std::filesystem::path log_file;         // empty: stderr, or CACHE_DIR/lazyfs.log when detached
   bool fill = false;                      // fetch everything in the background
   uint64_t fill_rate = 0;                 // bytes per second, 0: no cap
+  uint64_t fill_alongside = 0;            // bytes in flight while readers miss
   std::filesystem::path record_trace;     // write the first reads here
   std::chrono::seconds trace_seconds{60};
   std::vector<TraceRecord> prefetch;           // blocks to fetch right after mount

@@ -63,21 +63,30 @@ class FakeSource : public Source {
     // they end some other way.
     struct Active {
       FakeSource& s;
+      uint64_t bytes;
       bool counted = true;
-      explicit Active(FakeSource& src) : s(src) {
+      Active(FakeSource& src, uint64_t length) : s(src), bytes(length) {
         const unsigned now = ++s.active_;
         unsigned seen = s.max_active_.load();
         while (now > seen && !s.max_active_.compare_exchange_weak(seen, now)) {
         }
+        const uint64_t now_bytes = s.active_bytes_ += bytes;
+        uint64_t seen_bytes = s.max_active_bytes_.load();
+        while (now_bytes > seen_bytes &&
+               !s.max_active_bytes_.compare_exchange_weak(seen_bytes, now_bytes)) {
+        }
       }
       void end() {
-        if (counted) --s.active_;
+        if (counted) {
+          --s.active_;
+          s.active_bytes_ -= bytes;
+        }
         counted = false;
       }
       ~Active() { end(); }
       Active(const Active&) = delete;
       Active& operator=(const Active&) = delete;
-    } active(*this);
+    } active(*this, length);
     std::unique_lock lock(mutex_);
     calls_.push_back({path, offset, length});
     ++counters_.reads;
@@ -160,7 +169,12 @@ class FakeSource : public Source {
   }
   // The most reads that were in progress at once since the last reset.
   unsigned max_active() const { return max_active_.load(); }
-  void reset_max_active() { max_active_ = active_.load(); }
+  // The most bytes those reads asked for, at once.
+  uint64_t max_active_bytes() const { return max_active_bytes_.load(); }
+  void reset_max_active() {
+    max_active_ = active_.load();
+    max_active_bytes_ = active_bytes_.load();
+  }
   std::vector<Call> calls() const {
     std::lock_guard lock(mutex_);
     return calls_;
@@ -188,6 +202,8 @@ class FakeSource : public Source {
   std::chrono::microseconds chunk_delay_{0};
   std::atomic<unsigned> active_{0};
   std::atomic<unsigned> max_active_{0};
+  std::atomic<uint64_t> active_bytes_{0};
+  std::atomic<uint64_t> max_active_bytes_{0};
   Status failure_;
 };
 

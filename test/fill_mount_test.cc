@@ -53,8 +53,12 @@ uint64_t present(const nlohmann::json& st) {
 }  // namespace
 
 TEST_CASE("with --fill every file becomes local and status --wait returns 0", "[mount][fill]") {
+  // --fill-alongside implies --fill.
+  const bool alongside = GENERATE(false, true);
+  INFO((alongside ? "--fill-alongside 1M" : "--fill"));
   Rig rig;
-  rig.start_file({"--fill"});
+  rig.start_file(alongside ? std::vector<std::string>{"--fill-alongside", "1M"}
+                           : std::vector<std::string>{"--fill"});
   auto r = run_lazyfs({"status", "--wait", rig.mnt.string()});
   INFO(r.err);
   REQUIRE(r.status == 0);
@@ -170,4 +174,8 @@ TEST_CASE("prefetch: a malformed trace is refused with its line, unknown files a
                   rig.mnt.string(), rig.images.string(), "file://" + rig.source.string()});
   CHECK(r.status == 2);
   CHECK_THAT(r.err, Catch::Contains("--prefetch-wait needs --prefetch"));
+  r = run_lazyfs({"mount", "--cache-dir", rig.cache.string(), "--fill-alongside", "lots",
+                  rig.mnt.string(), rig.images.string(), "file://" + rig.source.string()});
+  CHECK(r.status == 2);
+  CHECK_THAT(r.err, Catch::Contains("--fill-alongside lots: need a size in bytes"));
 }

@@ -705,8 +705,7 @@ TEST_CASE("sftp source (OpenSSH client): a missing ssh program is a clear perman
                                Catch::Contains("--ssh-client libssh2"));
 }
 
-TEST_CASE("sftp source (OpenSSH client): the user's ssh options come before lazyfs's",
-          "[sftp]") {
+TEST_CASE("sftp source (OpenSSH client): the user's ssh options come before lazyfs's", "[sftp]") {
   SshServer server;
   auto options = server.options(SshClient::kOpenSsh);
   // lazyfs asks for curve25519 first; the user's choice wins, here one the

@@ -224,6 +224,31 @@ TEST_CASE("fill: a reader's latency with and without a fill running", "[fill]") 
   CHECK(rig.present() == rig.total());
 }
 
+TEST_CASE("fill: --fill-alongside keeps a bounded window while readers miss", "[fill]") {
+  FillRig rig;  // three workers: without readers the fill may keep two busy
+  rig.source->set_chunk_delay(200us);
+  FillOptions o;
+  o.yield_after = 60s;  // the fill's start counts as readers missing, throughout
+
+  SECTION("0 (the default): it pauses, a block at most every second") {
+    BackgroundFill fill(*rig.engine, o);
+    std::this_thread::sleep_for(1500ms);
+    CHECK(rig.source->calls().size() <= 3);
+    CHECK(fill.progress().state == FillState::kRunning);
+  }
+
+  SECTION("four blocks: it goes on, never more than that in flight") {
+    o.alongside = 4 * kBlock;
+    rig.source->reset_max_active();
+    BackgroundFill fill(*rig.engine, o);
+    REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+    CHECK(fill.progress().state == FillState::kComplete);
+    CHECK(rig.present() == rig.total());
+    CHECK(rig.source->max_active_bytes() <= 4 * kBlock);
+    for (const auto& c : rig.source->calls()) CHECK(c.length <= 4 * kBlock);
+  }
+}
+
 TEST_CASE("fill: a source that fails stops it with the reason", "[fill]") {
   FillRig rig;
   rig.source->fail_next(1000000, Status::transient(ECONNREFUSED, "source is down"));

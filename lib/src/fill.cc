@@ -100,7 +100,8 @@ void BackgroundFill::run() {
   pace_start_ = Clock::now();
   bool ok = true;
   // Small files go in groups, which the engine sends as pipelined batches;
-  // one at a time while readers are missing.
+  // one at a time while readers are missing (or groups of `alongside`
+  // bytes).
   std::vector<Piece> group;
   uint64_t group_bytes = 0;
   const auto send_group = [&] {
@@ -115,12 +116,15 @@ void BackgroundFill::run() {
       // is there.
       CacheFile* cache = engine_.cache_file(item.id);
       if (cache && cache->present({0, cache->size()})) continue;
-      if (readers_missing()) {
+      const bool missing = readers_missing();
+      if (missing && options_.alongside == 0) {
         ok = send_group() && pause_for_readers() && issue({{item.id, 0, item.size}});
       } else {
         group.push_back({item.id, 0, item.size});
         group_bytes += item.size;
-        if (group.size() >= kRequestsPerWorker || group_bytes >= options_.chunk) send_group();
+        const uint64_t limit =
+            missing ? std::min(options_.chunk, options_.alongside) : options_.chunk;
+        if (group.size() >= kRequestsPerWorker || group_bytes >= limit) send_group();
       }
     } else if (send_group()) {
       FileInfo info;
@@ -175,14 +179,18 @@ bool BackgroundFill::validate(FetchEngine::FileId id, FileInfo& out) {
 }
 
 // Asks for one range of a large file at background priority, in block-sized
-// pieces one at a time while readers are missing; false if the fill must end
-// (stopped or failed).
+// pieces one at a time while readers are missing (or pieces of `alongside`
+// bytes); false if the fill must end (stopped or failed).
 bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_t length) {
   const uint64_t bs = engine_.options().block_size;
   while (length > 0) {
-    const bool yield = readers_missing();
-    if (yield && !pause_for_readers()) return false;
-    const uint64_t n = yield ? std::min(length, bs - offset % bs) : length;
+    const bool missing = readers_missing();
+    if (missing && options_.alongside == 0 && !pause_for_readers()) return false;
+    uint64_t n = length;
+    if (missing && options_.alongside == 0) n = std::min(length, bs - offset % bs);
+    if (missing && options_.alongside > 0) {
+      n = std::min(length, std::max(bs, options_.alongside / bs * bs) - offset % bs);
+    }
     if (!issue({{id, offset, n}})) return false;
     offset += n;
     length -= n;
@@ -214,8 +222,9 @@ bool BackgroundFill::readers_missing() const {
 }
 
 // Sends requests once the pace allows and the fill's requests in flight
-// leave room for them: one at a time while readers are missing, otherwise up
-// to max_in_flight_ requests and max_bytes_in_flight_ bytes.
+// leave room for them: one at a time while readers are missing (or up to
+// `alongside` bytes), otherwise up to max_in_flight_ requests and
+// max_bytes_in_flight_ bytes.
 bool BackgroundFill::issue(const std::vector<Piece>& pieces) {
   uint64_t bytes = 0;
   for (const auto& p : pieces) bytes += p.length;
@@ -223,7 +232,9 @@ bool BackgroundFill::issue(const std::vector<Piece>& pieces) {
   std::unique_lock lock(mutex_);
   const auto room = [&] {
     if (in_flight_ == 0) return true;
-    if (readers_missing()) return false;
+    if (readers_missing()) {
+      return options_.alongside > 0 && in_flight_bytes_ + bytes <= options_.alongside;
+    }
     return in_flight_ + pieces.size() <= max_in_flight_ &&
            in_flight_bytes_ + bytes <= max_bytes_in_flight_;
   };

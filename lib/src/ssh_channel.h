@@ -23,7 +23,7 @@ namespace lazyfs::detail {
 // What every session of a source needs, resolved once.
 struct SshSettings {
   SshClient client = SshClient::kOpenSsh;
-  std::string ssh_command;  // the OpenSSH client program
+  std::string ssh_command;               // the OpenSSH client program
   std::vector<std::string> ssh_options;  // -o options, ahead of lazyfs's own
   std::string user;
   std::string host;

@@ -35,6 +35,11 @@ struct FillOptions {
   std::vector<FetchEngine::FileId> first;  // files to fill first, in order (a trace's)
   // Back off while a demand read missed less than this long ago.
   std::chrono::milliseconds yield_after{250};
+  // Bytes the fill may keep in flight while readers are missing; 0: it
+  // pauses for them (a block at a time, at most a second apart). More
+  // releases the source sooner where the restore leaves the CPUs and the
+  // link idle, at a cost to the restore where it does not.
+  uint64_t alongside = 0;
 };
 
 enum class FillState { kRunning, kComplete, kFailed, kStopped };
