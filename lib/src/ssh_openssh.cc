@@ -249,11 +249,12 @@ void OpenSshChannel::read_stderr() {
 }
 
 Status OpenSshChannel::wait_for(short events) {
+  // ssh writing to stderr is not progress: the deadline holds across it.
+  const auto deadline =
+      started_ ? std::chrono::steady_clock::now() + s_.stall_timeout : connect_deadline_;
   for (;;) {
-    auto now = std::chrono::steady_clock::now();
-    std::chrono::milliseconds left =
-        started_ ? s_.stall_timeout
-                 : std::chrono::duration_cast<std::chrono::milliseconds>(connect_deadline_ - now);
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) break;
     pollfd pfds[2] = {{io_.get(), events, 0}, {err_ ? err_.get() : -1, POLLIN, 0}};
     int ready = ::poll(pfds, 2, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
@@ -262,8 +263,6 @@ Status OpenSshChannel::wait_for(short events) {
     if (ready == 0) break;
     if (pfds[1].revents) read_stderr();
     if (pfds[0].revents) return {};
-    // Only stderr spoke: wait again. The stall time-out restarts, which is
-    // fine: ssh writing to stderr is not progress, but it is bounded.
   }
   if (!started_) {
     return Status::transient(ETIMEDOUT, fmt::format("cannot connect to {}: no answer within {} ms",
