@@ -59,7 +59,7 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
     fetched += f.fetched_bytes;
     present += std::min(f.present_bytes, size);
     local += f.local_bytes;
-    complete = complete && f.size && f.present_bytes >= size;
+    complete = complete && f.size && f.present_bytes >= size && f.durable;
     if (!with_files) continue;
     files.push_back({{"path", f.path},
                      {"size", f.size ? nlohmann::json(size) : nlohmann::json(nullptr)},

@@ -566,7 +566,7 @@ std::vector<std::pair<std::string, std::string>> progress_xattrs(LazyFs& fs, con
           {"user.lazyfs.present_bytes", std::to_string(s.present_bytes)},
           {"user.lazyfs.fetched_bytes", std::to_string(s.fetched_bytes)},
           {"user.lazyfs.local_bytes", std::to_string(s.local_bytes)},
-          {"user.lazyfs.complete", s.size && s.present_bytes >= size ? "1" : "0"},
+          {"user.lazyfs.complete", s.size && s.present_bytes >= size && s.durable ? "1" : "0"},
           {"user.lazyfs.stale", s.stale ? "1" : "0"}};
 }
 

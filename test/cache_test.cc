@@ -770,6 +770,43 @@ int wait_child(pid_t pid) {
   return status;
 }
 
+// Runs `body` in a child process that the flush hook ends at g_crash_at,
+// and checks that it did end there.
+template <typename Body>
+void crash_in_child(Body body) {
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    body();
+    ::_exit(3);  // the hook should have ended the process
+  }
+  int status = wait_child(pid);
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
+}
+
+// The story both crash tests tell of a file: [0, 100) fetched and flushed;
+// then [1000, 1100) fetched and [50, 60) written locally; then a flush
+// that a crash ends. False if a step failed (the child exits 2).
+bool write_then_flush_once(CacheFile& f) {
+  return f.write_fetched(0, fetched(0, 100)).ok() && f.flush().ok() &&
+         f.write_fetched(1000, fetched(1000, 100)).ok() && f.write_local(50, local(50, 10)).ok();
+}
+
+// What the file holds once reopened after the crash at `step`.
+void check_after_crash(CacheFile& f, hooks::FlushStep step) {
+  if (step == hooks::FlushStep::kMapWritten) {
+    CHECK(f.present_set().ranges() == std::vector<Range>{{0, 100}, {1000, 1100}});
+    CHECK(f.local_set().ranges() == std::vector<Range>{{50, 60}});
+  } else {
+    CHECK(f.present_set().ranges() == std::vector<Range>{{0, 100}});
+    CHECK(f.local_set().empty());
+  }
+  // The local write reached the data file but, in the earlier steps, not
+  // the map: bytes 50..60 may hold it.
+  check_claims(f, 50);
+}
+
 }  // namespace
 
 TEST_CASE("cache: flush syncs the data before it replaces the map", "[cache]") {
@@ -801,33 +838,94 @@ TEST_CASE("cache: a crash at each step of a flush leaves a truthful map", "[cach
     ScratchDir dir("cache");
     auto base = dir.path() / "f";
     g_crash_at = step;
-    pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
+    INFO("step " << static_cast<int>(step));
+    crash_in_child([&] {
       Status st;
       auto f = CacheFile::open(base, kCheckpoint, "/srv/data.bin", 4096, st);
-      if (!f || !f->write_fetched(0, fetched(0, 100)).ok() || !f->flush().ok()) ::_exit(2);
-      if (!f->write_fetched(1000, fetched(1000, 100)).ok()) ::_exit(2);
-      if (!f->write_local(50, local(50, 10)).ok()) ::_exit(2);
+      if (!f || !write_then_flush_once(*f)) ::_exit(2);
       hooks::on_flush_step = crash_at_step;
       (void)f->flush();
-      ::_exit(3);  // the hook should have ended the process
-    }
-    int status = wait_child(pid);
+    });
+    check_after_crash(*open_file(base, 4096), step);
+  }
+}
+
+TEST_CASE("cache: flush_all commits many files in batches that reopen intact", "[cache]") {
+  // More files than one batch holds, so that the batches are told apart.
+  constexpr int kFiles = 2500;
+  ScratchDir scratch("cache");
+  auto dir = scratch.path() / "c";
+  Status st;
+  auto cache = BlockCache::open(dir, kCheckpoint, st);
+  require_ok(st);
+  std::vector<CacheFile*> files;
+  for (int i = 0; i < kFiles; ++i) {
+    auto* f = cache->file("/srv/f" + std::to_string(i), 4096, st);
+    require_ok(st);
+    require_ok(f->write_fetched(0, fetched(0, 100 + static_cast<size_t>(i % 1000))));
+    files.push_back(f);
+  }
+  // A clean file is left alone: only the dirty ones are in a batch.
+  require_ok(files[0]->flush());
+  g_steps.clear();
+  {
+    HookGuard guard([](hooks::FlushStep step) { g_steps.push_back(step); });
+    require_ok(cache->flush_all());
+  }
+  CHECK(g_steps.size() == 3 * 3);  // three batches of three steps
+  for (auto* f : files) CHECK_FALSE(f->dirty());
+  {
+    HookGuard guard([](hooks::FlushStep step) { g_steps.push_back(step); });
+    g_steps.clear();
+    require_ok(cache->flush_all());
+    CHECK(g_steps.empty());  // nothing changed: nothing written
+  }
+  cache.reset();
+  cache = BlockCache::open(dir, kCheckpoint, st);
+  require_ok(st);
+  for (int i = 0; i < kFiles; ++i) {
+    auto* f = cache->file("/srv/f" + std::to_string(i), 4096, st);
+    require_ok(st);
+    INFO("file " << i);
+    REQUIRE(f->present_set().ranges() ==
+            std::vector<Range>{{0, 100 + static_cast<uint64_t>(i % 1000)}});
+    check_claims(*f);
+  }
+  // No temporary map is left behind.
+  for (const auto& e : fs::directory_iterator(dir)) {
+    CHECK(e.path().extension() != ".tmp-lazyfs");
+  }
+}
+
+TEST_CASE("cache: a crash at each step of a batched flush leaves truthful maps", "[cache]") {
+  constexpr int kFiles = 20;
+  const auto name = [](int i) { return "/srv/f" + std::to_string(i); };
+  for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
+                    hooks::FlushStep::kMapWritten}) {
+    ScratchDir scratch("cache");
+    auto dir = scratch.path() / "c";
+    g_crash_at = step;
     INFO("step " << static_cast<int>(step));
-    REQUIRE(WIFEXITED(status));
-    REQUIRE(WEXITSTATUS(status) == 0);
-    auto f = open_file(base, 4096);
-    if (step == hooks::FlushStep::kMapWritten) {
-      CHECK(f->present_set().ranges() == std::vector<Range>{{0, 100}, {1000, 1100}});
-      CHECK(f->local_set().ranges() == std::vector<Range>{{50, 60}});
-    } else {
-      CHECK(f->present_set().ranges() == std::vector<Range>{{0, 100}});
-      CHECK(f->local_set().empty());
+    crash_in_child([&] {
+      Status st;
+      auto cache = BlockCache::open(dir, kCheckpoint, st);
+      if (!cache) ::_exit(2);
+      for (int i = 0; i < kFiles; ++i) {
+        auto* f = cache->file(name(i), 4096, st);
+        if (!f || !write_then_flush_once(*f)) ::_exit(2);
+      }
+      hooks::on_flush_step = crash_at_step;
+      (void)cache->flush_all();
+    });
+    Status st;
+    auto cache = BlockCache::open(dir, kCheckpoint, st);
+    require_ok(st);
+    for (int i = 0; i < kFiles; ++i) {
+      auto* f = cache->file(name(i), 4096, st);
+      require_ok(st);
+      INFO("file " << i);
+      check_after_crash(*f, step);
     }
-    // The local write reached the data file but, in the earlier steps, not
-    // the map: bytes 50..60 may hold it.
-    check_claims(*f, 50);
   }
 }
 

@@ -41,7 +41,10 @@ struct FillRig {
   std::unique_ptr<FetchEngine> engine;
   std::vector<FetchEngine::FileId> ids;
 
-  explicit FillRig(unsigned workers = 3) : source(std::make_shared<FakeSource>(workers)) {
+  std::chrono::milliseconds flush_interval{1000};
+
+  explicit FillRig(unsigned workers = 3, std::chrono::milliseconds flush_every = 1000ms)
+      : source(std::make_shared<FakeSource>(workers)), flush_interval(flush_every) {
     Status st;
     cache = BlockCache::open(dir.path() / "cache", "ckpt", st);
     REQUIRE(st.ok());
@@ -53,6 +56,7 @@ struct FillRig {
     o.max_request = 4 * kBlock;
     o.retry_budget = 300ms;
     o.retry_initial = 10ms;
+    o.flush_interval = flush_interval;
     engine = std::make_unique<FetchEngine>(source, *cache, o);
     ids.clear();
     for (int i = 0; i < 6; ++i) {
@@ -131,6 +135,25 @@ TEST_CASE("fill: every byte of every file ends up present", "[fill]") {
     CHECK(at[0] < 3);
     CHECK(calls[at[0]].offset == 0);
     CHECK(calls[at[0]].length == 1000 * static_cast<uint64_t>(i + 1));
+  }
+}
+
+TEST_CASE("fill: complete only once the cache's maps on disk say so", "[fill]") {
+  // No timed flush during the test: only the fill's own can write the maps.
+  FillRig rig(3, std::chrono::hours(1));
+  BackgroundFill fill(*rig.engine, {});
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  REQUIRE(fill.progress().state == FillState::kComplete);
+  for (const auto& f : rig.engine->file_stats()) CHECK(f.durable);
+  // What a daemon started after a crash here would find.
+  Status st;
+  auto reopened = BlockCache::open(rig.dir.path() / "cache", "ckpt", st);
+  REQUIRE(st.ok());
+  for (const auto& f : rig.engine->file_stats()) {
+    auto* c = reopened->file(f.path, *f.size, st);
+    REQUIRE(st.ok());
+    INFO(f.path);
+    CHECK(c->present({0, *f.size}));
   }
 }
 

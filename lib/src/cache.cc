@@ -593,7 +593,13 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   return raw;
 }
 
+// A batch holds the flush_mutex_ of each of its files from the snapshot to
+// the directory sync, as flush() does for one; only flush_all() holds more
+// than one, and one batch runs at a time, so this cannot deadlock with a
+// flush() or truncate_local() that holds one.
 Status BlockCache::flush_all() {
+  constexpr size_t kBatch = 1024;
+  std::lock_guard batch_lock(flush_all_mutex_);
   std::vector<CacheFile*> files;
   {
     std::lock_guard lock(mutex_);
@@ -601,11 +607,89 @@ Status BlockCache::flush_all() {
     for (const auto& [path, f] : files_) files.push_back(f.get());
   }
   Status first;
-  for (auto* f : files) {
-    Status s = f->flush();
-    if (!s.ok()) {
-      log::warn("cache", "flush failed path={}: {}", f->path(), s.message());
-      if (first.ok()) first = std::move(s);
+  for (size_t i = 0; i < files.size(); i += kBatch) {
+    const auto batch = std::span(files).subspan(i, std::min(kBatch, files.size() - i));
+    if (Status s = flush_batch(batch); !s.ok() && first.ok()) first = std::move(s);
+  }
+  return first;
+}
+
+Status BlockCache::flush_batch(std::span<CacheFile* const> files) {
+  struct Pending {
+    CacheFile* file;
+    std::unique_lock<std::mutex> flush_lock;
+    uint64_t generation = 0;
+    std::string map;
+    Status status;
+  };
+  std::vector<Pending> pending;
+  for (CacheFile* f : files) {
+    std::unique_lock flush_lock(f->flush_mutex_);
+    std::lock_guard lock(f->mutex_);
+    if (f->generation_ == f->flushed_generation_) continue;
+    Pending& p = pending.emplace_back();
+    p.file = f;
+    p.flush_lock = std::move(flush_lock);
+    p.generation = f->generation_;
+    p.map = f->serialize_locked();
+  }
+  if (pending.empty()) return {};
+  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
+
+  const auto fail = [](Pending& p, std::error_code ec, std::string_view what) {
+    p.status = io_status(ec, fmt::format("{} {}", what, p.file->map_path_.string()));
+    log::warn("cache", "flush failed path={}: {}", p.file->path(), p.status.message());
+  };
+  // One syncfs makes every data file of the batch durable at once (and
+  // whatever else the file system holds; one call instead of an fdatasync
+  // per file).
+  UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  std::error_code sync_ec;
+  if (!dir_fd) {
+    sync_ec = last_errno();
+  } else if (::syncfs(dir_fd.get()) != 0) {
+    sync_ec = last_errno();
+  }
+  if (sync_ec) {
+    for (auto& p : pending) fail(p, sync_ec, "cache sync for");
+    return pending.front().status;
+  }
+  flush_step(cache_hooks::FlushStep::kDataSynced);
+
+  // Then the maps replace the old ones (temporary file, rename) and a second
+  // syncfs makes them durable. No map is fsynced before its rename: a crash
+  // may leave a new map torn or empty, which its checksum rejects, so the
+  // file starts cold (fetched again), never wrong; what a map claims was
+  // durable before the map was written.
+  for (auto& p : pending) {
+    auto tmp = p.file->map_path_;
+    tmp += ".tmp-lazyfs";
+    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
+    if (!fd) {
+      fail(p, last_errno(), "cache map write");
+    } else if (auto ec = pwrite_all(fd.get(), p.map.data(), p.map.size(), 0)) {
+      fail(p, ec, "cache map write");
+      ::unlink(tmp.c_str());
+    } else if (::rename(tmp.c_str(), p.file->map_path_.c_str()) != 0) {
+      fail(p, last_errno(), "cache map rename");
+      ::unlink(tmp.c_str());
+    }
+  }
+  if (::syncfs(dir_fd.get()) != 0) {
+    const auto ec = last_errno();
+    for (auto& p : pending) {
+      if (p.status.ok()) fail(p, ec, "cache map sync for");
+    }
+  }
+  flush_step(cache_hooks::FlushStep::kMapWritten);
+
+  Status first;
+  for (auto& p : pending) {
+    if (p.status.ok()) {
+      std::lock_guard lock(p.file->mutex_);
+      p.file->flushed_generation_ = p.generation;
+    } else if (first.ok()) {
+      first = p.status;
     }
   }
   return first;

@@ -851,10 +851,15 @@ std::vector<FileStats> FetchEngine::file_stats() const {
     if (f->cache) {
       fs.present_bytes = f->cache->present_bytes();
       fs.local_bytes = f->cache->local_bytes();
+      fs.durable = !f->cache->dirty();
     }
     out.push_back(std::move(fs));
   }
   return out;
+}
+
+Status FetchEngine::flush_cache() {
+  return cache_.flush_all();
 }
 
 SourceState FetchEngine::source_state() const {

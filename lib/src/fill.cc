@@ -148,6 +148,18 @@ void BackgroundFill::run() {
     progress_.state = FillState::kStopped;
     return;
   }
+  // Complete means the source is no longer needed, also after a crash: the
+  // cache's maps must say so on disk first.
+  lock.unlock();
+  Status flushed = engine_.flush_cache();
+  lock.lock();
+  if (progress_.state != FillState::kRunning) return;
+  if (!flushed.ok()) {
+    progress_.state = FillState::kFailed;
+    progress_.error = "cannot make the cache durable: " + flushed.message();
+    log::error("fill", "stopped reason=\"{}\"", progress_.error);
+    return;
+  }
   progress_.state = FillState::kComplete;
   log::info("fill", "complete bytes={}", progress_.requested);
 }

@@ -96,6 +96,7 @@ struct FileStats {
   uint64_t present_bytes = 0;    // bytes in the cache (fetched now or before)
   uint64_t local_bytes = 0;      // bytes written locally
   bool stale = false;
+  bool durable = true;  // the cache's map on disk records every present byte
 };
 
 class FetchEngine {
@@ -161,6 +162,9 @@ class FetchEngine {
   // count here (it does in EngineStats::demand_misses).
   std::chrono::steady_clock::time_point last_demand_miss() const;
   std::vector<FileStats> file_stats() const;
+  // Makes every byte in the cache durable and recorded in its map now, on
+  // this thread, instead of at the next flush on the timer.
+  Status flush_cache();
   SourceState source_state() const;
   const EngineOptions& options() const { return options_; }
   Source& source() { return *source_; }
