@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -607,14 +608,21 @@ Status BlockCache::flush_all() {
     for (const auto& [path, f] : files_) files.push_back(f.get());
   }
   Status first;
+  size_t flushed = 0;
+  const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < files.size(); i += kBatch) {
     const auto batch = std::span(files).subspan(i, std::min(kBatch, files.size() - i));
-    if (Status s = flush_batch(batch); !s.ok() && first.ok()) first = std::move(s);
+    if (Status s = flush_batch(batch, flushed); !s.ok() && first.ok()) first = std::move(s);
+  }
+  if (flushed > 0) {
+    log::debug(
+        "cache", "flushed files={} ms={:.1f}", flushed,
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   return first;
 }
 
-Status BlockCache::flush_batch(std::span<CacheFile* const> files) {
+Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushed) {
   struct Pending {
     CacheFile* file;
     std::unique_lock<std::mutex> flush_lock;
@@ -634,6 +642,7 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files) {
     p.map = f->serialize_locked();
   }
   if (pending.empty()) return {};
+  flushed += pending.size();
   flush_step(cache_hooks::FlushStep::kSnapshotTaken);
 
   const auto fail = [](Pending& p, std::error_code ec, std::string_view what) {

@@ -132,7 +132,8 @@ class BlockCache {
   const std::filesystem::path& dir() const { return dir_; }
 
  private:
-  Status flush_batch(std::span<CacheFile* const> files);
+  // Adds the files it flushed to `flushed`.
+  Status flush_batch(std::span<CacheFile* const> files, size_t& flushed);
 
   std::filesystem::path dir_;
   std::string checkpoint_id_;
