@@ -159,8 +159,9 @@ Runner add_status_command(CLI::App& app) {
   cmd->add_flag("--no-files", cli->no_files,
                 "Leave out the per-file list: totals only, cheap on checkpoints with many files");
   cmd->add_flag("--wait", cli->wait,
-                "Wait until every served file is local (exit 0) or the fill fails (exit 1), "
-                "with a progress bar on a terminal");
+                "Wait until every served file is local and recorded so on disk (exit 0: the "
+                "source is no longer needed) or the fill fails (exit 1), with a progress bar on a "
+                "terminal");
   return [cli]() { return status_command(*cli); };
 }
 
