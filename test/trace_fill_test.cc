@@ -157,6 +157,20 @@ TEST_CASE("fill: complete only once the cache's maps on disk say so", "[fill]") 
   }
 }
 
+TEST_CASE("fill: a cache that cannot be made durable stops it with the reason", "[fill]") {
+  FillRig rig(3, std::chrono::hours(1));
+  // A directory where /f1's new map would be written first.
+  const auto blocker = rig.dir.path() / "cache" / (rig.cache->stem("/f1") + ".map.tmp-lazyfs");
+  std::filesystem::create_directory(blocker);
+  BackgroundFill fill(*rig.engine, {});
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kFailed);
+  CHECK_THAT(fill.progress().error, Catch::Contains("cannot make the cache durable"));
+  // Every byte arrived; only /f1's map is missing, and nothing says complete.
+  CHECK(rig.present() == rig.total());
+  for (const auto& f : rig.engine->file_stats()) CHECK(f.durable == (f.path != "/f1"));
+}
+
 TEST_CASE("fill: readers are served ahead of it", "[fill]") {
   FillRig rig(2);  // two workers: the fill keeps at most one request in flight
   rig.source->close_gate();
