@@ -559,7 +559,7 @@ void lfs_statfs(fuse_req_t req, fuse_ino_t) {
 // user.lazyfs.* attributes: a served file's progress, for scripts and ls -l@.
 std::vector<std::pair<std::string, std::string>> progress_xattrs(LazyFs& fs, const NodeView& v) {
   if (v.kind != Node::Kind::kServed) return {};
-  const FileStats s = fs.engine().file_stats().at(v.file_id);
+  const FileStats s = fs.engine().file_stat(v.file_id);
   const uint64_t size = s.size.value_or(0);
   return {{"user.lazyfs.source_path", v.source_path},
           {"user.lazyfs.size", s.size ? std::to_string(size) : ""},

@@ -112,6 +112,28 @@ TEST_CASE("only the blocks read are fetched", "[mount]") {
   CHECK(st["source"]["state"] == "connected");
 }
 
+TEST_CASE("user.lazyfs.complete says 1 once the whole file is local and on disk", "[mount]") {
+  FileRig rig;
+  const auto complete = [&] {
+    char value[8] = {};
+    ssize_t n = ::getxattr(rig.at(kBig).c_str(), "user.lazyfs.complete", value, sizeof value);
+    return n > 0 ? std::string(value, static_cast<size_t>(n)) : std::string("error");
+  };
+  CHECK(complete() == "0");
+  const uint64_t size = 16 << 20;
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  CHECK(pread_bytes(fd, 0, size) == source_bytes(kBig, 0, size));
+  ::close(fd);
+  // The map on disk catches up at the next timed flush (every second).
+  bool done = false;
+  for (int i = 0; i < 100 && !done; ++i) {
+    done = complete() == "1";
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(done);
+}
+
 TEST_CASE("concurrent random reads and mmap reads are byte-identical", "[mount]") {
   FileRig rig;
   const uint64_t size = 16 << 20;

@@ -162,6 +162,7 @@ class FetchEngine {
   // count here (it does in EngineStats::demand_misses).
   std::chrono::steady_clock::time_point last_demand_miss() const;
   std::vector<FileStats> file_stats() const;
+  FileStats file_stat(FileId file) const;
   // Makes every byte in the cache durable and recorded in its map now, on
   // this thread, instead of at the next flush on the timer.
   Status flush_cache();
