@@ -595,7 +595,7 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
 }
 
 // A batch holds the flush_mutex_ of each of its files from the snapshot to
-// the directory sync, as flush() does for one; only flush_all() holds more
+// the last sync, as flush() does for one; only flush_all() holds more
 // than one, and one batch runs at a time, so this cannot deadlock with a
 // flush() or truncate_local() that holds one.
 Status BlockCache::flush_all() {
@@ -665,24 +665,35 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   }
   flush_step(cache_hooks::FlushStep::kDataSynced);
 
-  // Then the maps replace the old ones (temporary file, rename) and a second
-  // syncfs makes them durable. No map is fsynced before its rename: a crash
-  // may leave a new map torn or empty, which its checksum rejects, so the
-  // file starts cold (fetched again), never wrong; what a map claims was
-  // durable before the map was written.
-  for (auto& p : pending) {
-    auto tmp = p.file->map_path_;
-    tmp += ".tmp-lazyfs";
-    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
+  // Then the maps: each written to a temporary file, a second syncfs makes
+  // them all durable, each renamed over the old one, and a third syncfs
+  // makes the renames durable. A crash leaves each file's old map or its new
+  // one, never a torn one (where rename is atomic), so a file that was wholly
+  // local stays so; one syncfs per step instead of an fsync per file.
+  std::vector<std::filesystem::path> tmps(pending.size());
+  for (size_t i = 0; i < pending.size(); ++i) {
+    Pending& p = pending[i];
+    tmps[i] = p.file->map_path_;
+    tmps[i] += ".tmp-lazyfs";
+    UniqueFd fd(::open(tmps[i].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
     if (!fd) {
       fail(p, last_errno(), "cache map write");
     } else if (auto ec = pwrite_all(fd.get(), p.map.data(), p.map.size(), 0)) {
       fail(p, ec, "cache map write");
-      ::unlink(tmp.c_str());
-    } else if (::rename(tmp.c_str(), p.file->map_path_.c_str()) != 0) {
-      fail(p, last_errno(), "cache map rename");
-      ::unlink(tmp.c_str());
     }
+  }
+  if (::syncfs(dir_fd.get()) != 0) {
+    const auto ec = last_errno();
+    for (auto& p : pending) {
+      if (p.status.ok()) fail(p, ec, "cache map sync for");
+    }
+  }
+  for (size_t i = 0; i < pending.size(); ++i) {
+    Pending& p = pending[i];
+    if (p.status.ok() && ::rename(tmps[i].c_str(), p.file->map_path_.c_str()) != 0) {
+      fail(p, last_errno(), "cache map rename");
+    }
+    if (!p.status.ok()) ::unlink(tmps[i].c_str());
   }
   if (::syncfs(dir_fd.get()) != 0) {
     const auto ec = last_errno();

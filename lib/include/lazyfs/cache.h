@@ -12,9 +12,9 @@
 // of the directory). A crash at any point leaves a map that may miss bytes
 // that are present, but never claims a byte that is not. Flushes are batched
 // by the caller (the engine flushes on a timer and at shutdown), not done
-// per block; flush_all() does many files at a time with a syncfs before the
-// maps are written and one after, and no fsync per map: a map a crash tore is
-// refused by its checksum (the file starts cold, fetched again).
+// per block; flush_all() does many files at a time, with a syncfs of the
+// file system in place of each step's fsync per file (data; new maps;
+// renames).
 //
 // Locally written bytes are the file's truth: a fetch that lands later never
 // overwrites them.
@@ -124,10 +124,9 @@ class BlockCache {
   std::string stem(const std::string& path) const;
 
   // Flushes every file as flush() does, in batches that share the costly
-  // steps: the data files' writeback is started for the whole batch before
-  // any fdatasync waits, the maps likewise before their fsyncs, and the
-  // directory is synced once per batch instead of once per file. The first
-  // failure is returned; the other files are still flushed.
+  // steps: one syncfs makes the batch's data durable, one its new maps
+  // (temporary files), one their renames, instead of an fsync per file for
+  // each. The first failure is returned; the other files are still flushed.
   Status flush_all();
   const std::filesystem::path& dir() const { return dir_; }
 
