@@ -27,7 +27,8 @@ foreach(i RANGE ${last})
   if(runs LESS 1 OR missing OR missing_bytes OR bytes EQUAL 0)
     message(FATAL_ERROR "no result for ${what} on ${where}")
   endif()
-  # The lazyfs methods report demand misses; lazyfs+fill also when it was wholly local.
+  # The lazyfs methods report demand misses; the eager copies and lazyfs+fill
+  # also when they were wholly local (on disk).
   string(JSON misses_type TYPE "${doc}" results ${i} demand_misses)
   string(JSON local_type TYPE "${doc}" results ${i} wholly_local_s)
   if(what MATCHES "^lazyfs")
@@ -35,7 +36,7 @@ foreach(i RANGE ${last})
   else()
     set(want_misses NULL)
   endif()
-  if(what STREQUAL "lazyfs+fill")
+  if(what STREQUAL "lazyfs+fill" OR what MATCHES "^eager-")
     set(want_local NUMBER)
   else()
     set(want_local NULL)
