@@ -15,9 +15,10 @@ std::mutex g_sink_mutex;
 Sink g_sink;  // guarded by g_sink_mutex; empty means stderr
 
 void write_stderr(Level lvl, std::string_view subsystem, std::string_view message) {
-  auto now = std::chrono::system_clock::now();
-  auto line = fmt::format("{:%Y-%m-%dT%H:%M:%S} {} {}: {}\n",
-                          std::chrono::floor<std::chrono::milliseconds>(now), level_name(lvl),
+  const auto now = std::chrono::system_clock::now();
+  const auto seconds = std::chrono::floor<std::chrono::seconds>(now);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - seconds).count();
+  auto line = fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03} {} {}: {}\n", seconds, ms, level_name(lvl),
                           subsystem, message);
   // One fwrite per line keeps lines from different threads whole.
   std::fwrite(line.data(), 1, line.size(), stderr);
