@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -367,4 +368,25 @@ TEST_CASE("the original three-argument form mounts", "[mount]") {
   CHECK_FALSE(std::filesystem::exists(dir.path().string() + "/mnt" + kBig, ec));
   ::waitpid(json["pid"].get<pid_t>(), nullptr, 0);
   ::unsetenv("LAZYFS_CACHE_DIR");
+}
+
+TEST_CASE("--log-file gets the daemon's log lines with millisecond times", "[mount]") {
+  ScratchDir dir("logfile");
+  const auto log = dir.path() / "lazyfs.log";
+  {
+    FileRig rig({"--log-file", log.string()});
+    CHECK(read_file(rig.at("/srv/lazyfs-fixture-a/state/counter.db")).size() == 8192);
+    CHECK(rig.mount->stop());
+  }
+  std::ifstream in(log);
+  std::string line;
+  size_t lines = 0;
+  while (std::getline(in, line)) {
+    ++lines;
+    // 2026-11-26T13:07:23.701 info mount: unmounted ...
+    CHECK_THAT(
+        line,
+        Catch::Matches(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (debug|info|warn|error) \S+: .+)"));
+  }
+  CHECK(lines >= 1);
 }
