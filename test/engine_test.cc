@@ -487,6 +487,51 @@ TEST_CASE("validate_all validates the files it is given first", "[engine]") {
   CHECK(order[1] == "/many/300");
 }
 
+TEST_CASE(
+    "with a trace, validations wait behind readers' fetches, and a reader waiting for "
+    "one moves its batch ahead",
+    "[engine]") {
+  EngineOptions opts;
+  opts.threads = 1;  // one job at a time, in queue order
+  Rig rig(opts, 1);
+  rig.validate();
+  std::vector<FetchEngine::FileId> ids;
+  for (int i = 0; i < 600; ++i) {
+    const auto path = "/many/" + std::to_string(i);
+    rig.source->add(path, 10);
+    ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
+  }
+  // The worker is held by a read at the gate while the rest is queued.
+  rig.source->close_gate();
+  Completions held;
+  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, held.make());
+  rig.source->wait_for_calls(1);
+  // A trace's file first; the rest in three batches at prefetch priority:
+  // /many/0-198, 199-399 (without 300), 400-599.
+  rig.engine->validate_all({ids[300]});
+  Completions c;
+  rig.engine->request(rig.file, 8 * kBlock, kBlock, Priority::kDemand, c.make());
+  auto info = c.make();
+  rig.engine->file_info(ids[599], [&](const Status& st, const FileInfo&) { info(st); });
+  rig.source->open_gate();
+  REQUIRE(held.wait(1));
+  REQUIRE(c.wait(2));
+  CHECK(c.ok_count() == 2);
+  Completions all;
+  for (auto id : ids) {
+    rig.engine->file_info(id, [&](const Status& st, const FileInfo&) { all.make()(st); });
+  }
+  REQUIRE(all.wait(ids.size()));
+  const auto events = rig.source->events();
+  REQUIRE(events.size() == 1 + 2 + 600);  // rig.validate()'s stat, two reads, 600 stats
+  CHECK(events[1] == "read /data/f@0");
+  CHECK(events[2] == "stat /many/300");                            // the trace's batch
+  CHECK(events[3] == fmt::format("read /data/f@{}", 8 * kBlock));  // ahead of the rest
+  CHECK(events[4] == "stat /many/400");  // the batch a reader waits for, ahead of the others
+  CHECK(events[204] == "stat /many/0");
+  CHECK(events[403] == "stat /many/199");
+}
+
 TEST_CASE("validate_all validates every file in one batch, a missing file is unservable",
           "[engine]") {
   Rig rig;

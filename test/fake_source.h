@@ -5,6 +5,8 @@
 
 #include <sys/stat.h>
 
+#include <fmt/core.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -48,6 +50,7 @@ class FakeSource : public Source {
     std::unique_lock lock(mutex_);
     ++counters_.stats;
     stat_order_.push_back(path);
+    events_.push_back("stat " + path);
     if (auto st = take_failure_locked(); !st.ok()) return st;
     auto it = files_.find(path);
     if (it == files_.end()) return Status::permanent(ENOENT, "no such fake file " + path);
@@ -89,6 +92,7 @@ class FakeSource : public Source {
     } active(*this, length);
     std::unique_lock lock(mutex_);
     calls_.push_back({path, offset, length});
+    events_.push_back(fmt::format("read {}@{}", path, offset));
     ++counters_.reads;
     cv_.notify_all();
     cv_.wait(lock, [&] { return gate_open_; });
@@ -128,6 +132,11 @@ class FakeSource : public Source {
   std::vector<std::string> stat_order() const {
     std::lock_guard lock(mutex_);
     return stat_order_;
+  }
+  // Stats ("stat PATH") and reads ("read PATH@OFFSET") as they started.
+  std::vector<std::string> events() const {
+    std::lock_guard lock(mutex_);
+    return events_;
   }
   std::vector<size_t> batches() const {
     std::lock_guard lock(mutex_);
@@ -195,6 +204,7 @@ class FakeSource : public Source {
   std::vector<Call> calls_;
   std::vector<size_t> batches_;  // ranges per read_many call
   std::vector<std::string> stat_order_;
+  std::vector<std::string> events_;
   bool gate_open_ = true;
   size_t pause_after_chunks_ = SIZE_MAX;
   size_t chunks_delivered_ = 0;

@@ -370,7 +370,7 @@ TEST_CASE("the original three-argument form mounts", "[mount]") {
   ::unsetenv("LAZYFS_CACHE_DIR");
 }
 
-TEST_CASE("--log-file gets the daemon's log lines with millisecond times", "[mount]") {
+TEST_CASE("the daemon's --log-file lines carry millisecond times", "[mount]") {
   ScratchDir dir("logfile");
   const auto log = dir.path() / "lazyfs.log";
   {

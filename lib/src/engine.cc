@@ -44,6 +44,9 @@ struct FetchEngine::File {
   // Requests waiting for validation; they add their fetch jobs to the vector.
   std::vector<std::function<void(Jobs&)>> pending;
   std::vector<InfoCompletion> info_waiters;
+  // The batch validating this file while kValidating from validate_all(),
+  // so that a reader waiting for it can move the batch ahead.
+  std::shared_ptr<Job> validation;
   // Read-ahead: the last block of the current sequential run (if any), the
   // run's length in blocks, the window, and how far read-ahead was asked for.
   bool read_before = false;
@@ -192,9 +195,13 @@ void FetchEngine::file_info(FileId id, InfoCompletion done) {
       f.info_waiters.push_back(std::move(done));
       start_validation(f);  // sets kValidating
       return;
-    case File::State::kValidating:
+    case File::State::kValidating: {
       f.info_waiters.push_back(std::move(done));
+      auto raised = hasten_validation_locked(f, Priority::kDemand);
+      lock.unlock();
+      if (raised) enqueue(std::move(raised));
       return;
+    }
   }
 }
 
@@ -213,28 +220,47 @@ void FetchEngine::validate_all(const std::vector<FileId>& first) {
   for (FileId id : first) {
     if (id < files_.size()) take(*files_[id], todo);
   }
-  if (!todo.empty()) {
-    auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, Priority::kDemand);
-    job->batch = std::exchange(todo, {});
+  const auto queue = [&](std::vector<File*> batch, Priority priority) {
+    auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, priority);
+    for (File* f : batch) {
+      std::lock_guard lock(f->mutex);
+      if (f->state == File::State::kValidating) f->validation = job;
+    }
+    job->batch = std::move(batch);
     jobs.push_back(std::move(job));
-  }
+  };
+  if (!todo.empty()) queue(std::exchange(todo, {}), Priority::kDemand);
   for (auto& f : files_) take(*f, todo);
   // With a trace, the rest is queued at prefetch priority: behind readers'
   // fetches, ahead of the prefetch (queued later), so a lookup of a file the
-  // trace does not name waits at most for the validation, never for the
-  // whole prefetch.
+  // trace does not name never waits for the whole prefetch; a reader that
+  // waits for one of these files moves its batch ahead of the others
+  // (hasten_validation_locked). Without one, at readers' priority: queued
+  // behind readers' fetches, they made the restore's first byte come sooner
+  // but not its last (many-small, 2 cores), and kept a fill from starting
+  // during the restore at 1 Gbit/s (wholly local 4.1 -> 5.3 s).
   const Priority rest = jobs.empty() ? Priority::kDemand : Priority::kPrefetch;
   constexpr size_t kBatch = 256;
   const size_t batches = (todo.size() + kBatch - 1) / kBatch;
-  for (size_t b = 0; b < batches && !todo.empty(); ++b) {
-    auto job = std::make_shared<Job>(Job::Kind::kStatMany, nullptr, Range{}, rest);
+  for (size_t b = 0; b < batches; ++b) {
     const size_t from = todo.size() * b / batches;
     const size_t to = todo.size() * (b + 1) / batches;
-    job->batch.assign(todo.begin() + static_cast<ptrdiff_t>(from),
-                      todo.begin() + static_cast<ptrdiff_t>(to));
-    jobs.push_back(std::move(job));
+    queue({todo.begin() + static_cast<ptrdiff_t>(from), todo.begin() + static_cast<ptrdiff_t>(to)},
+          rest);
   }
   enqueue_all(std::move(jobs));
+}
+
+// Caller holds f.mutex. Raises the queued batch validating `f` to
+// `priority`; returns it to be queued again there (the old entry is then
+// skipped), or null if there is none, it started, or it is that urgent already.
+std::shared_ptr<FetchEngine::Job> FetchEngine::hasten_validation_locked(File& f,
+                                                                        Priority priority) {
+  const auto& job = f.validation;
+  const int p = static_cast<int>(priority);
+  if (!job || job->started.load() || job->priority.load() <= p) return nullptr;
+  job->priority = p;
+  return job;
 }
 
 void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
@@ -272,6 +298,7 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
     std::lock_guard lock(f.mutex);
     pending.swap(f.pending);
     info_waiters.swap(f.info_waiters);
+    f.validation.reset();
     if (!status.ok() && status.retryable()) {
       // Not stale: the source could not be asked. A later request asks again.
       f.state = File::State::kUnknown;
@@ -383,7 +410,11 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
           if (done) done(st);
         }
       });
-      if (first) start_validation(f);
+      if (first) {
+        start_validation(f);
+      } else if (auto raised = hasten_validation_locked(f, priority)) {
+        jobs.push_back(std::move(raised));
+      }
       return;
     }
   }

@@ -119,7 +119,8 @@ class FetchEngine {
   // Validates every file not yet validated, with pipelined batches of stats
   // on the source, so that later lookups find their answers ready. `first`
   // (a trace's files) go ahead of the rest, and the rest then at prefetch
-  // priority: behind readers' fetches, ahead of a prefetch queued later.
+  // priority: behind readers' fetches, ahead of a prefetch queued later; a
+  // reader waiting for one of them moves its batch ahead.
   void validate_all(const std::vector<FileId>& first = {});
 
   // Validates the file against the source (once; later calls answer from
@@ -177,6 +178,7 @@ class FetchEngine {
   class Pool;
 
   void start_validation(File& f);
+  std::shared_ptr<Job> hasten_validation_locked(File& f, Priority priority);
   using Jobs = std::vector<std::shared_ptr<Job>>;
   // What validations leave to do once no lock is held: fetches to queue, then
   // callbacks of those who waited.
