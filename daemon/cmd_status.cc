@@ -105,7 +105,9 @@ int wait_command(const StatusCli& cli) {
                  human(static_cast<uint64_t>(std::max(0.0, rate))), eta);
       std::fflush(stdout);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    // The summary is cheap for the daemon (no per-file list): poll often, so
+    // that the answer comes soon after the fill completes.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
 
