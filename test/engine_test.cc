@@ -9,6 +9,7 @@
 #include "fake_source.h"
 #include "lazyfs/engine.h"
 #include "lazyfs/fileio.h"
+#include "lazyfs/log.h"
 #include "test_util.h"
 
 using namespace lazyfs;
@@ -530,6 +531,49 @@ TEST_CASE(
   CHECK(events[4] == "stat /many/400");  // the batch a reader waits for, ahead of the others
   CHECK(events[204] == "stat /many/0");
   CHECK(events[403] == "stat /many/199");
+}
+
+TEST_CASE(
+    "stopping with validations queued fails their waiters as cancelled, logs no file as "
+    "unservable",
+    "[engine]") {
+  std::mutex mutex;
+  std::vector<std::string> errors;
+  log::set_sink([&](log::Level level, std::string_view, std::string_view message) {
+    std::lock_guard lock(mutex);
+    if (level == log::Level::kError) errors.emplace_back(message);
+  });
+  EngineOptions opts;
+  opts.threads = 1;
+  Rig rig(opts, 1);
+  rig.validate();
+  std::vector<FetchEngine::FileId> ids;
+  for (int i = 0; i < 300; ++i) {
+    const auto path = "/many/" + std::to_string(i);
+    rig.source->add(path, 10);
+    ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
+  }
+  // The worker is held at the gate while the engine stops with the
+  // validations still queued.
+  rig.source->close_gate();
+  Completions held;
+  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, held.make());
+  rig.source->wait_for_calls(1);
+  rig.engine->validate_all();
+  Completions c;
+  rig.engine->request(ids[0], 0, 10, Priority::kDemand, c.make());
+  std::thread opener([&] {
+    std::this_thread::sleep_for(100ms);
+    rig.source->open_gate();
+  });
+  rig.engine.reset();
+  opener.join();
+  log::set_sink({});
+  REQUIRE(c.wait(1));
+  CHECK(c.results[0].errnum() == ECANCELED);
+  CHECK(rig.source->stat_order().size() == 1);  // only rig.validate()'s
+  std::lock_guard lock(mutex);
+  CHECK(errors.empty());
 }
 
 TEST_CASE("validate_all validates every file in one batch, a missing file is unservable",

@@ -299,7 +299,11 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
     pending.swap(f.pending);
     info_waiters.swap(f.info_waiters);
     f.validation.reset();
-    if (!status.ok() && status.retryable()) {
+    if (status.errnum() == ECANCELED) {
+      // The engine is stopping: not an answer about the file.
+      f.state = File::State::kUnknown;
+      f.validate_error = status;
+    } else if (!status.ok() && status.retryable()) {
       // Not stale: the source could not be asked. A later request asks again.
       f.state = File::State::kUnknown;
       result = Status::transient(EIO, fmt::format("cannot stat {} on {}: {}", f.path,
