@@ -465,16 +465,43 @@ TEST_CASE("stress: every request completes under concurrent mixed load with fail
   CHECK(rig.engine->stats().inflight == 0);
 }
 
-TEST_CASE("validate_all validates the files it is given first", "[engine]") {
+namespace {
+
+EngineOptions one_worker() {
   EngineOptions opts;
-  opts.threads = 1;  // batches run one after another
-  Rig rig(opts, 1);
+  opts.threads = 1;  // one job at a time, in queue order
+  return opts;
+}
+
+// Adds /many/0 .. /many/(n - 1), 10 bytes each, not validated yet.
+std::vector<FetchEngine::FileId> add_many(Rig& rig, int n) {
   std::vector<FetchEngine::FileId> ids;
-  for (int i = 0; i < 600; ++i) {
+  for (int i = 0; i < n; ++i) {
     const auto path = "/many/" + std::to_string(i);
     rig.source->add(path, 10);
     ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
   }
+  return ids;
+}
+
+// One worker, held by a read of the validated /data/f at the source's gate,
+// so that whatever is queued next waits; `held` completes once the gate opens.
+struct HeldRig {
+  Rig rig{one_worker(), 1};
+  Completions held;
+  HeldRig() {
+    rig.validate();
+    rig.source->close_gate();
+    rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, held.make());
+    rig.source->wait_for_calls(1);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("validate_all validates the files it is given first", "[engine]") {
+  Rig rig(one_worker(), 1);
+  const auto ids = add_many(rig, 600);
   rig.engine->validate_all({ids[599], ids[300]});
   Completions c;
   for (auto id : ids) {
@@ -492,21 +519,9 @@ TEST_CASE(
     "with a trace, validations wait behind readers' fetches, and a reader waiting for "
     "one moves its batch ahead",
     "[engine]") {
-  EngineOptions opts;
-  opts.threads = 1;  // one job at a time, in queue order
-  Rig rig(opts, 1);
-  rig.validate();
-  std::vector<FetchEngine::FileId> ids;
-  for (int i = 0; i < 600; ++i) {
-    const auto path = "/many/" + std::to_string(i);
-    rig.source->add(path, 10);
-    ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
-  }
-  // The worker is held by a read at the gate while the rest is queued.
-  rig.source->close_gate();
-  Completions held;
-  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, held.make());
-  rig.source->wait_for_calls(1);
+  HeldRig h;
+  Rig& rig = h.rig;
+  const auto ids = add_many(rig, 600);
   // A trace's file first; the rest in three batches at prefetch priority:
   // /many/0-198, 199-399 (without 300), 400-599.
   rig.engine->validate_all({ids[300]});
@@ -515,7 +530,7 @@ TEST_CASE(
   auto info = c.make();
   rig.engine->file_info(ids[599], [&](const Status& st, const FileInfo&) { info(st); });
   rig.source->open_gate();
-  REQUIRE(held.wait(1));
+  REQUIRE(h.held.wait(1));
   REQUIRE(c.wait(2));
   CHECK(c.ok_count() == 2);
   Completions all;
@@ -543,22 +558,10 @@ TEST_CASE(
     std::lock_guard lock(mutex);
     if (level == log::Level::kError) errors.emplace_back(message);
   });
-  EngineOptions opts;
-  opts.threads = 1;
-  Rig rig(opts, 1);
-  rig.validate();
-  std::vector<FetchEngine::FileId> ids;
-  for (int i = 0; i < 300; ++i) {
-    const auto path = "/many/" + std::to_string(i);
-    rig.source->add(path, 10);
-    ids.push_back(rig.engine->add_file(path, 10, S_IFREG | 0644));
-  }
-  // The worker is held at the gate while the engine stops with the
-  // validations still queued.
-  rig.source->close_gate();
-  Completions held;
-  rig.engine->request(rig.file, 0, kBlock, Priority::kDemand, held.make());
-  rig.source->wait_for_calls(1);
+  // The engine stops with the validations still queued.
+  HeldRig h;
+  Rig& rig = h.rig;
+  const auto ids = add_many(rig, 300);
   rig.engine->validate_all();
   Completions c;
   rig.engine->request(ids[0], 0, 10, Priority::kDemand, c.make());
