@@ -470,6 +470,169 @@ TEST_CASE("cache: a map for another checkpoint, path or size starts cold", "[cac
   CHECK(logs.has(reason));
 }
 
+namespace {
+
+lazyfs::SourceStat stat_with_mtime(int64_t mtime) {
+  lazyfs::SourceStat st;
+  st.mode = S_IFREG | 0640;
+  st.size = 4096;
+  st.uid = 1001;
+  st.gid = 1002;
+  st.atime = mtime + 5;
+  st.mtime = mtime;
+  return st;
+}
+
+std::unique_ptr<CacheFile> open_with_stat(const fs::path& base, int64_t mtime) {
+  Status st;
+  auto f = CacheFile::open(base, kCheckpoint, "/srv/data.bin", 4096, st, stat_with_mtime(mtime));
+  INFO(st.message());
+  REQUIRE(f);
+  return f;
+}
+
+}  // namespace
+
+TEST_CASE("cache: the map records the source's stat, a version 1 map has none", "[cache]") {
+  ScratchDir dir("cache");
+  auto base = dir.path() / "f";
+  {
+    auto f = open_with_stat(base, 100);
+    require_ok(f->write_fetched(0, fetched(0, 1000)));
+    require_ok(f->flush());
+  }
+  auto f = open_file(base, 4096);  // without asking the source
+  REQUIRE(f->source_stat());
+  CHECK(f->source_stat()->mode == (S_IFREG | 0640));
+  CHECK(f->source_stat()->uid == 1001);
+  CHECK(f->source_stat()->gid == 1002);
+  CHECK(f->source_stat()->atime == 105);
+  CHECK(f->source_stat()->mtime == 100);
+  CHECK(f->source_stat()->size == 4096);
+  CHECK(f->present_set().ranges() == std::vector<Range>{{0, 1000}});
+  CHECK_FALSE(f->wholly_present());
+  f.reset();
+
+  // A map of version 1 (before the stat) keeps its bytes; opened with the
+  // source's stat, it records that stat at the next flush.
+  MapSpec v1;
+  v1.present = {{0, 4096}};
+  write_string(map_of(base), make_map(v1));
+  lazyfs::test::write_bytes(data_of(base), std::vector<uint8_t>(4096, 7));
+  f = open_file(base, 4096);
+  CHECK_FALSE(f->source_stat());
+  CHECK(f->wholly_present());
+  f.reset();
+  f = open_with_stat(base, 300);
+  CHECK(f->wholly_present());
+  CHECK(f->dirty());
+  require_ok(f->flush());
+  f.reset();
+  f = open_file(base, 4096);
+  REQUIRE(f->source_stat());
+  CHECK(f->source_stat()->mtime == 300);
+}
+
+TEST_CASE(
+    "cache: a file changed on the source since part of it was cached forgets the fetched "
+    "bytes, keeps the local ones",
+    "[cache]") {
+  ScratchDir dir("cache");
+  auto base = dir.path() / "f";
+  {
+    auto f = open_with_stat(base, 100);
+    require_ok(f->write_fetched(0, fetched(0, 3000)));
+    require_ok(f->write_local(1000, local(1000, 500)));
+    require_ok(f->flush());
+  }
+  LogCapture logs;
+  SECTION("same mtime: everything kept") {
+    auto f = open_with_stat(base, 100);
+    CHECK(f->present_set().ranges() == std::vector<Range>{{0, 3000}});
+    CHECK_FALSE(f->dirty());
+    CHECK_FALSE(logs.has("changed on the source"));
+  }
+  SECTION("new mtime") {
+    auto f = open_with_stat(base, 200);
+    CHECK(f->present_set().ranges() == std::vector<Range>{{1000, 1500}});
+    CHECK(f->local_set().ranges() == std::vector<Range>{{1000, 1500}});
+    CHECK(read_data(*f, {1000, 1500}) == [] {
+      auto v = local(1000, 500);
+      std::vector<uint8_t> out;
+      for (auto b : v) out.push_back(static_cast<uint8_t>(b));
+      return out;
+    }());
+    CHECK(f->source_stat()->mtime == 200);
+    CHECK(logs.has("changed on the source (mtime 100 -> 200)"));
+    CHECK(logs.has("dropping 2500 fetched bytes"));
+    // The fetched bytes are fetched again from the new version, and the map
+    // says so from the next flush on.
+    require_ok(f->write_fetched(0, std::vector<std::byte>(4096, std::byte{9})));
+    require_ok(f->flush());
+    f.reset();
+    f = open_with_stat(base, 200);
+    CHECK(f->wholly_present());
+    CHECK(read_data(*f, {0, 10}) == std::vector<uint8_t>(10, 9));
+  }
+  SECTION("another type") {
+    auto st = stat_with_mtime(100);
+    st.mode = S_IFDIR | 0755;
+    Status status;
+    auto f = CacheFile::open(base, kCheckpoint, "/srv/data.bin", 4096, status, st);
+    REQUIRE(f);
+    CHECK(f->present_set().ranges() == std::vector<Range>{{1000, 1500}});
+  }
+}
+
+TEST_CASE("cache: a wholly cached file keeps its copy and stat when the source changes",
+          "[cache]") {
+  ScratchDir dir("cache");
+  auto base = dir.path() / "f";
+  {
+    auto f = open_with_stat(base, 100);
+    require_ok(f->write_fetched(0, fetched(0, 4096)));
+    require_ok(f->flush());
+  }
+  LogCapture logs;
+  auto f = open_with_stat(base, 200);
+  CHECK(f->wholly_present());
+  CHECK(f->source_stat()->mtime == 100);
+  CHECK(read_data(*f, {0, 4096}) == [] {
+    std::vector<uint8_t> out;
+    for (auto b : fetched(0, 4096)) out.push_back(static_cast<uint8_t>(b));
+    return out;
+  }());
+  CHECK(logs.has("keeping the cached copy"));
+}
+
+TEST_CASE("cache: wholly_present_file opens only files the map says are whole", "[cache]") {
+  ScratchDir dir("cache");
+  Status st;
+  auto cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+  REQUIRE(cache);
+  const auto stat = stat_with_mtime(100);
+  for (const char* path : {"/whole", "/part"}) {
+    auto* f = cache->file(path, 4096, st, stat);
+    REQUIRE(f);
+    require_ok(f->write_fetched(0, fetched(0, std::string(path) == "/whole" ? 4096 : 10)));
+  }
+  require_ok(cache->flush_all());
+  cache.reset();
+  cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+  REQUIRE(cache);
+  CHECK(cache->wholly_present_file("/cold", 4096) == nullptr);
+  CHECK(cache->wholly_present_file("/part", 4096) == nullptr);
+  auto* whole = cache->wholly_present_file("/whole", 4096);
+  REQUIRE(whole);
+  CHECK(whole->source_stat()->mtime == 100);
+  CHECK(cache->file("/whole", 4096, st, stat_with_mtime(200)) == whole);
+  // The partly cached file was closed again: opened now with the source's
+  // new stat, it forgets its fetched bytes.
+  auto* part = cache->file("/part", 4096, st, stat_with_mtime(200));
+  REQUIRE(part);
+  CHECK(part->present_bytes() == 0);
+}
+
 TEST_CASE("cache: a damaged map starts cold and never claims bytes", "[cache]") {
   ScratchDir dir("cache");
   auto base = dir.path() / "f";
@@ -568,7 +731,7 @@ TEST_CASE("cache: maps with a valid checksum but bad content are refused", "[cac
     edit(s);
     bad.push_back({what, s});
   };
-  add("unknown version", [](MapSpec& s) { s.version = 2; });
+  add("unknown version", [](MapSpec& s) { s.version = 3; });
   add("range past size", [](MapSpec& s) { s.present = {{0, 10}, {4000, 4097}}; });
   add("tail not last", [](MapSpec& s) { s.present = {{0, kEnd}, {20, 30}}; });
   add("tail beginning past size", [](MapSpec& s) { s.present = {{4097, kEnd}}; });

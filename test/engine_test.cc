@@ -72,6 +72,15 @@ struct Rig {
     engine = std::make_unique<FetchEngine>(source, *cache, opts);
     file = engine->add_file("/data/f", size, S_IFREG | 0644);
   }
+  // A new engine on the same cache directory, as after a daemon restart.
+  void restart(EngineOptions opts, std::optional<uint64_t> size) {
+    engine.reset();  // flushes the cache maps
+    cache.reset();
+    Status st;
+    cache = BlockCache::open(dir.path() / "cache", "checkpoint-a", st);
+    REQUIRE(st.ok());
+    start(opts, size);
+  }
   // Validates the file so later requests go straight to fetching.
   void validate() {
     Completions c;
@@ -359,12 +368,7 @@ TEST_CASE("a restart on the same cache dir fetches nothing already present", "[e
   }
   REQUIRE(c.wait(5));
   const auto before = rig.source->calls().size();
-  rig.engine.reset();  // flushes the cache maps
-  rig.cache.reset();
-  Status st;
-  rig.cache = BlockCache::open(rig.dir.path() / "cache", "checkpoint-a", st);
-  REQUIRE(st.ok());
-  rig.start(no_readahead, 64 * kBlock);
+  rig.restart(no_readahead, 64 * kBlock);
   Completions again;
   for (uint64_t b : std::initializer_list<uint64_t>{1, 7, 8, 30, 63}) {
     rig.engine->request(rig.file, b * kBlock, kBlock, Priority::kDemand, again.make());
@@ -373,6 +377,53 @@ TEST_CASE("a restart on the same cache dir fetches nothing already present", "[e
   CHECK(again.ok_count() == 5);
   CHECK(rig.source->calls().size() == before);  // no new reads
   rig.check_bytes(7 * kBlock, 2 * kBlock);
+}
+
+TEST_CASE(
+    "after a restart a file the cache holds whole needs no source, and one changed on the "
+    "source since part of it was cached is fetched again",
+    "[engine]") {
+  EngineOptions no_readahead;
+  no_readahead.readahead_max = 0;
+  Rig rig(no_readahead);
+  rig.source->add("/data/g", 4 * kBlock);
+  auto g = rig.engine->add_file("/data/g", 4 * kBlock, S_IFREG | 0644);
+  Completions c;
+  rig.engine->request(rig.file, 0, 64 * kBlock, Priority::kDemand, c.make());
+  rig.engine->request(g, 0, kBlock, Priority::kDemand, c.make());
+  REQUIRE(c.wait(2));
+  REQUIRE(c.ok_count() == 2);
+  rig.restart(no_readahead, 64 * kBlock);
+  g = rig.engine->add_file("/data/g", 4 * kBlock, S_IFREG | 0644);
+  const auto reads = rig.source->calls().size();
+
+  // The source is gone: the whole file is served all the same, without a
+  // stat or a read.
+  const auto events = rig.source->events().size();
+  rig.source->fail_next(1000, Status::permanent(EHOSTUNREACH, "source is gone"));
+  Completions whole;
+  FileInfo info;
+  rig.engine->file_info(rig.file, [&](const Status& s, const FileInfo& i) {
+    info = i;
+    whole.make()(s);
+  });
+  rig.engine->request(rig.file, 0, 64 * kBlock, Priority::kDemand, whole.make());
+  REQUIRE(whole.wait(2));
+  CHECK(whole.ok_count() == 2);
+  CHECK(info.size == 64 * kBlock);
+  CHECK(S_ISREG(info.source.mode));
+  CHECK(rig.source->events().size() == events);
+  rig.check_bytes(0, 64 * kBlock);
+
+  // Back, with /data/g rewritten in place since its first block was cached:
+  // that block is fetched again rather than served beside newer ones.
+  rig.source->fail_next(0, {});
+  rig.source->set_mtime("/data/g", 1000);
+  Completions part;
+  rig.engine->request(g, 0, kBlock, Priority::kDemand, part.make());
+  REQUIRE(part.wait(1));
+  CHECK(part.ok_count() == 1);
+  CHECK(rig.source->calls().size() == reads + 1);
 }
 
 TEST_CASE("bytes written locally survive a fetch that lands later", "[engine]") {

@@ -56,6 +56,7 @@ class FakeSource : public Source {
     if (it == files_.end()) return Status::permanent(ENOENT, "no such fake file " + path);
     out.size = it->second.first;
     out.mode = it->second.second;
+    out.mtime = mtimes_[path];
     return {};
   }
 
@@ -160,6 +161,11 @@ class FakeSource : public Source {
     pause_after_chunks_ = n;
     cv_.notify_all();
   }
+  // The file's mtime from now on (0 until set): a change on the source.
+  void set_mtime(const std::string& path, int64_t mtime) {
+    std::lock_guard lock(mutex_);
+    mtimes_[path] = mtime;
+  }
   // Every chunk takes this long to arrive: a slow link. Set before reads start.
   void set_chunk_delay(std::chrono::microseconds delay) { chunk_delay_ = delay; }
   // The next `n` reads or stats fail with `status`.
@@ -201,6 +207,7 @@ class FakeSource : public Source {
   mutable std::mutex mutex_;
   std::condition_variable cv_;
   std::map<std::string, std::pair<uint64_t, uint32_t>> files_;
+  std::map<std::string, int64_t> mtimes_;
   std::vector<Call> calls_;
   std::vector<size_t> batches_;  // ranges per read_many call
   std::vector<std::string> stat_order_;

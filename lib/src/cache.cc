@@ -1,16 +1,22 @@
 // The block cache's files and their range map.
 //
-// Map file format, version 1 (`<stem>.map`; integers little-endian):
+// Map file format, version 2 (`<stem>.map`; integers little-endian):
 //
 //   8 bytes   magic "LZFSMAP\0"
-//   u32       version (1)
+//   u32       version (2)
 //   u32 + N   checkpoint id: length, then the bytes
 //   u32 + N   path (as served): length, then the bytes
 //   u64       source_size: the file's size on the source when cached
+//   u32       1 if the source's stat follows as known, else 0 (zeros follow)
+//   u32 x 3   the source's st_mode, uid and gid when its bytes were fetched
+//   i64 x 2   its atime and mtime (seconds)
 //   u64       size: the current logical size (after local truncates/writes)
 //   u64 + 16n present ranges: count, then n pairs (u64 begin, u64 end)
 //   u64 + 16n local ranges: same layout
 //   64 bytes  SHA-256 of every byte above, as lowercase hex
+//
+// Version 1 (the format before the stat) lacks the flag and mode to mtime
+// and is read as a map whose stat is unknown.
 //
 // Ranges are sorted, non-empty, disjoint and non-adjacent (RangeSet's own
 // form). Each lies within [0, size) except that the last may be
@@ -51,7 +57,7 @@ void (*on_flush_step)(FlushStep step) = nullptr;
 namespace {
 
 constexpr std::string_view kMagic{"LZFSMAP\0", 8};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 constexpr size_t kChecksumChars = 64;
 constexpr uint64_t kMaxMapBytes = uint64_t{256} << 20;
 constexpr uint64_t kEnd = std::numeric_limits<uint64_t>::max();
@@ -93,14 +99,15 @@ struct MapContents {
   std::string checkpoint_id;
   std::string path;
   uint64_t source_size = 0;
+  std::optional<SourceStat> source_stat;
   uint64_t size = 0;
   RangeSet present;
   RangeSet local;
 };
 
 std::string encode_map(const std::string& checkpoint_id, const std::string& path,
-                       uint64_t source_size, uint64_t size, const RangeSet& present,
-                       const RangeSet& local) {
+                       uint64_t source_size, const std::optional<SourceStat>& stat, uint64_t size,
+                       const RangeSet& present, const RangeSet& local) {
   std::string out(kMagic);
   put_u32(out, kVersion);
   put_u32(out, static_cast<uint32_t>(checkpoint_id.size()));
@@ -108,6 +115,13 @@ std::string encode_map(const std::string& checkpoint_id, const std::string& path
   put_u32(out, static_cast<uint32_t>(path.size()));
   out += path;
   put_u64(out, source_size);
+  const SourceStat st = stat.value_or(SourceStat{});
+  put_u32(out, stat ? 1 : 0);
+  put_u32(out, st.mode);
+  put_u32(out, st.uid);
+  put_u32(out, st.gid);
+  put_u64(out, static_cast<uint64_t>(st.atime));
+  put_u64(out, static_cast<uint64_t>(st.mtime));
   put_u64(out, size);
   put_ranges(out, present);
   put_ranges(out, local);
@@ -184,12 +198,23 @@ std::optional<std::string> decode_map(std::string_view file, const MapContents& 
 
   MapReader in(body);
   in.bytes(kMagic.size());
-  if (uint32_t version = in.u32(); version != kVersion) {
-    return fmt::format("unknown version {}", version);
-  }
+  const uint32_t version = in.u32();
+  if (version != 1 && version != kVersion) return fmt::format("unknown version {}", version);
   m.checkpoint_id = std::string(in.bytes(in.u32()));
   m.path = std::string(in.bytes(in.u32()));
   m.source_size = in.u64();
+  if (version >= 2) {
+    const uint32_t known = in.u32();
+    SourceStat st;
+    st.mode = in.u32();
+    st.uid = in.u32();
+    st.gid = in.u32();
+    st.atime = static_cast<int64_t>(in.u64());
+    st.mtime = static_cast<int64_t>(in.u64());
+    st.size = m.source_size;
+    if (known > 1) return fmt::format("bad stat flag {}", known);
+    if (known == 1) m.source_stat = st;
+  }
   m.size = in.u64();
   if (!in.ok()) return "truncated header";
   if (m.checkpoint_id != expect.checkpoint_id) return "written for another checkpoint";
@@ -264,7 +289,8 @@ Status make_private_dir(const std::filesystem::path& dir) {
 std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
                                            const std::string& checkpoint_id,
                                            const std::string& path, uint64_t source_size,
-                                           Status& status) {
+                                           Status& status,
+                                           const std::optional<SourceStat>& source_stat) {
   status = Status();
   if (source_size > kMaxOffset) {
     status = Status::permanent(EFBIG, fmt::format("{}: size {} too large", path, source_size));
@@ -278,6 +304,7 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
   f->checkpoint_id_ = checkpoint_id;
   f->path_ = path;
   f->source_size_ = source_size;
+  f->source_stat_ = source_stat;
   {
     std::lock_guard lock(f->mutex_);
     status = f->load_map_locked();
@@ -303,7 +330,7 @@ Status CacheFile::load_map_locked() {
     if (have_map) problem = "unreadable: " + ec.message();
   } else {
     std::string_view file(reinterpret_cast<const char*>(raw.data()), raw.size());
-    MapContents expect{checkpoint_id_, path_, source_size_, 0, {}, {}};
+    MapContents expect{checkpoint_id_, path_, source_size_, {}, 0, {}, {}};
     problem = decode_map(file, expect, m);
     if (!problem) {
       fd_ = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
@@ -326,6 +353,7 @@ Status CacheFile::load_map_locked() {
     size_ = m.size;
     present_ = std::move(m.present);
     local_ = std::move(m.local);
+    adopt_source_stat_locked(m.source_stat);
     log::debug("cache", "warm path={} size={} present={} local={}", path_, size_,
                present_.bytes_in({0, size_}), local_.bytes_in({0, size_}));
     return {};
@@ -376,8 +404,53 @@ int CacheFile::fd() {
   return fd_.get();
 }
 
+// Fetched bytes are kept only while the source's file is the one they came
+// from. A file whose mtime (or type) differs from the one recorded with its
+// bytes changed on the source since: bytes fetched before the change, served
+// beside bytes fetched after it, would make a file that never existed, so
+// they are forgotten and fetched again (locally written bytes stay, they are
+// the file's truth). A file already wholly present keeps its bytes and their
+// stat: it no longer needs the source, and its copy is whole.
+void CacheFile::adopt_source_stat_locked(const std::optional<SourceStat>& recorded) {
+  if (!source_stat_) {
+    source_stat_ = recorded;  // opened without asking the source
+    return;
+  }
+  if (!recorded) {
+    ++generation_;  // a version 1 map: record the stat
+    return;
+  }
+  const SourceStat& now = *source_stat_;
+  if (recorded->mtime == now.mtime && (recorded->mode & S_IFMT) == (now.mode & S_IFMT)) return;
+  if (present_.contains({0, size_})) {
+    log::info("cache",
+              "path={} changed on the source (mtime {} -> {}) after it was wholly cached; "
+              "keeping the cached copy",
+              path_, recorded->mtime, now.mtime);
+    source_stat_ = recorded;
+    return;
+  }
+  const uint64_t dropped = present_.bytes_in({0, size_}) - local_.bytes_in({0, size_});
+  log::warn("cache",
+            "path={} changed on the source (mtime {} -> {}) since part of it was "
+            "cached; dropping {} fetched bytes to fetch them again",
+            path_, recorded->mtime, now.mtime, dropped);
+  present_ = local_;
+  ++generation_;
+}
+
 std::string CacheFile::serialize_locked() const {
-  return encode_map(checkpoint_id_, path_, source_size_, size_, present_, local_);
+  return encode_map(checkpoint_id_, path_, source_size_, source_stat_, size_, present_, local_);
+}
+
+std::optional<SourceStat> CacheFile::source_stat() const {
+  std::lock_guard lock(mutex_);
+  return source_stat_;
+}
+
+bool CacheFile::wholly_present() const {
+  std::lock_guard lock(mutex_);
+  return present_.contains({0, size_});
 }
 
 uint64_t CacheFile::size() const {
@@ -516,7 +589,8 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   RangeSet next_local = local_;
   next_present.insert({new_size, kEnd});
   next_local.insert({new_size, kEnd});
-  auto map = encode_map(checkpoint_id_, path_, source_size_, new_size, next_present, next_local);
+  auto map = encode_map(checkpoint_id_, path_, source_size_, source_stat_, new_size, next_present,
+                        next_local);
   if (Status status = commit_map(fd_.get(), map_path_, map); !status.ok()) {
     // The new map may or may not be in place; either is safe with the data
     // file uncut. The next flush rewrites it from the unchanged state.
@@ -573,7 +647,8 @@ std::string BlockCache::stem(const std::string& path) const {
   return sha256_hex(key);
 }
 
-CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Status& status) {
+CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Status& status,
+                            const std::optional<SourceStat>& source_stat) {
   status = Status();
   std::lock_guard lock(mutex_);
   if (auto it = files_.find(path); it != files_.end()) {
@@ -587,8 +662,24 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   }
   // Opened under mutex_ so that a path is opened once; opening reads the map
   // from local disk, nothing slower.
-  auto f = CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status);
+  auto f =
+      CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status, source_stat);
   if (!f) return nullptr;
+  auto* raw = f.get();
+  files_.emplace(path, std::move(f));
+  return raw;
+}
+
+CacheFile* BlockCache::wholly_present_file(const std::string& path, uint64_t source_size) {
+  std::lock_guard lock(mutex_);
+  if (auto it = files_.find(path); it != files_.end()) {
+    CacheFile* f = it->second.get();
+    const bool whole = f->source_size() == source_size && f->wholly_present() && f->source_stat();
+    return whole ? f : nullptr;
+  }
+  Status status;
+  auto f = CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status);
+  if (!f || !f->wholly_present() || !f->source_stat()) return nullptr;
   auto* raw = f.get();
   files_.emplace(path, std::move(f));
   return raw;

@@ -263,20 +263,39 @@ std::shared_ptr<FetchEngine::Job> FetchEngine::hasten_validation_locked(File& f,
   return job;
 }
 
+// A file the cache holds whole, as its map on disk says, is validated by
+// the map: it no longer needs the source, which may be gone (released once
+// the fill completed). A file recorded without a size is always asked.
+bool FetchEngine::validate_locally(File& f, Validated& out) {
+  if (!f.recorded_size) return false;
+  CacheFile* cache = cache_.wholly_present_file(f.path, *f.recorded_size);
+  if (!cache) return false;
+  on_validated(f, {}, *cache->source_stat(), out);
+  return true;
+}
+
 void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
-  std::vector<std::string> paths;
-  paths.reserve(job->batch.size());
-  for (File* f : job->batch) paths.push_back(f->path);
   const auto t0 = Clock::now();
   // Requests that waited for these files are queued a few dozen at a time,
   // so that they go to the source in batches too.
   Validated ready;
-  source_->stat_many(paths, [&](size_t i, const Status& status, const SourceStat& st) {
-    on_validated(*job->batch[i], status, st, ready);
-    if (ready.jobs.size() + ready.then.size() >= 32) release(ready);
-  });
+  std::vector<File*> remote;
+  std::vector<std::string> paths;
+  for (File* f : job->batch) {
+    if (validate_locally(*f, ready)) continue;
+    remote.push_back(f);
+    paths.push_back(f->path);
+  }
   release(ready);
-  log::debug("engine", "validated files={} ms={:.1f}", paths.size(),
+  if (!paths.empty()) {
+    source_->stat_many(paths, [&](size_t i, const Status& status, const SourceStat& st) {
+      on_validated(*remote[i], status, st, ready);
+      if (ready.jobs.size() + ready.then.size() >= 32) release(ready);
+    });
+  }
+  release(ready);
+  log::debug("engine", "validated files={} local={} ms={:.1f}", job->batch.size(),
+             job->batch.size() - paths.size(),
              std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
 }
 
@@ -337,7 +356,7 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
         f.info.size = f.recorded_size.value_or(st.size);
         f.info.source = st;
         Status cst;
-        f.cache = cache_.file(f.path, f.info.size, cst);
+        f.cache = cache_.file(f.path, f.info.size, cst, st);
         if (!f.cache) {
           f.state = File::State::kUnknown;
           result = Status::transient(EIO, fmt::format("cache for {}: {}", f.path, cst.message()));
@@ -626,6 +645,10 @@ void FetchEngine::run_next() {
 }
 
 void FetchEngine::run_stat(const std::shared_ptr<Job>& job) {
+  if (Validated ready; validate_locally(*job->file, ready)) {
+    release(ready);
+    return;
+  }
   SourceStat st;
   Status status = source_->stat(job->file->path, st);
   if (!status.ok() && retry_later(job, status)) return;

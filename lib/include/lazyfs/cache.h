@@ -29,12 +29,14 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_map>
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/ranges.h"
+#include "lazyfs/source.h"
 #include "lazyfs/status.h"
 
 namespace lazyfs {
@@ -46,9 +48,16 @@ class CacheFile {
   // source size is discarded: the cache then starts cold for this file, never
   // wrong. A cold file's data file is created (or emptied) at its first
   // write, so files that are never read cost nothing on disk.
+  //
+  // `source_stat` is the source's stat of the file now, if it was asked. The
+  // map records the stat its fetched bytes came with; if the mtime (or type)
+  // differs, the file changed on the source since, and the fetched bytes are
+  // forgotten (local ones kept) unless the file is wholly present. Opened
+  // without one, the file takes the map's.
   static std::unique_ptr<CacheFile> open(const std::filesystem::path& base,
                                          const std::string& checkpoint_id, const std::string& path,
-                                         uint64_t source_size, Status& status);
+                                         uint64_t source_size, Status& status,
+                                         const std::optional<SourceStat>& source_stat = {});
 
   // The data file, for reads of present bytes (pread, splice); created if
   // it was not yet (-1 if that fails, logged). Valid for the life of this
@@ -57,6 +66,11 @@ class CacheFile {
   const std::string& path() const { return path_; }
   // The size of the file on the source, as given to open().
   uint64_t source_size() const { return source_size_; }
+  // The source's stat that the present fetched bytes go with: given to
+  // open(), or the map's; unknown for a map of version 1 opened without one.
+  std::optional<SourceStat> source_stat() const;
+  // Every byte below size() is present: the file no longer needs the source.
+  bool wholly_present() const;
   // The current size: the source size until a local truncate or a write past
   // the end changes it.
   uint64_t size() const;
@@ -90,6 +104,7 @@ class CacheFile {
  private:
   CacheFile() = default;
   Status load_map_locked();
+  void adopt_source_stat_locked(const std::optional<SourceStat>& recorded);
   Status ensure_data_locked();
   std::string serialize_locked() const;
 
@@ -99,13 +114,14 @@ class CacheFile {
   std::string path_;
   uint64_t source_size_ = 0;
   mutable std::mutex mutex_;
-  UniqueFd fd_;                      // guarded by mutex_; open once written to
-  uint64_t size_ = 0;                // guarded by mutex_
-  RangeSet present_;                 // guarded by mutex_
-  RangeSet local_;                   // guarded by mutex_
-  uint64_t generation_ = 0;          // guarded by mutex_; bumped by every change
-  uint64_t flushed_generation_ = 0;  // written under flush_mutex_ and mutex_
-  std::mutex flush_mutex_;           // one flush at a time; taken before mutex_
+  std::optional<SourceStat> source_stat_;  // guarded by mutex_
+  UniqueFd fd_;                            // guarded by mutex_; open once written to
+  uint64_t size_ = 0;                      // guarded by mutex_
+  RangeSet present_;                       // guarded by mutex_
+  RangeSet local_;                         // guarded by mutex_
+  uint64_t generation_ = 0;                // guarded by mutex_; bumped by every change
+  uint64_t flushed_generation_ = 0;        // written under flush_mutex_ and mutex_
+  std::mutex flush_mutex_;                 // one flush at a time; taken before mutex_
 
   friend class BlockCache;  // flush_all() commits many files' maps as one batch
 };
@@ -117,8 +133,14 @@ class BlockCache {
   static std::unique_ptr<BlockCache> open(const std::filesystem::path& dir,
                                           const std::string& checkpoint_id, Status& status);
 
-  // The cache file for `path` (opened on first use), or null with `status`.
-  CacheFile* file(const std::string& path, uint64_t source_size, Status& status);
+  // The cache file for `path` (opened on first use, with `source_stat` as
+  // CacheFile::open takes it), or null with `status`.
+  CacheFile* file(const std::string& path, uint64_t source_size, Status& status,
+                  const std::optional<SourceStat>& source_stat = {});
+  // The cache file for `path` if its map says it is wholly present and with
+  // what stat from the source: such a file is served without the source.
+  // Null otherwise (a file opened only to look is closed again).
+  CacheFile* wholly_present_file(const std::string& path, uint64_t source_size);
 
   // The name stem of `path`'s files inside the directory.
   std::string stem(const std::string& path) const;

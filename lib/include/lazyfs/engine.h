@@ -187,6 +187,7 @@ class FetchEngine {
     std::vector<std::function<void()>> then;
   };
   void on_validated(File& f, const Status& status, const SourceStat& st, Validated& out);
+  bool validate_locally(File& f, Validated& out);
   void release(Validated& v);
   void request_into(FileId file, uint64_t offset, uint64_t length, Priority priority,
                     Completion done, std::vector<std::shared_ptr<Job>>& jobs);
