@@ -6,10 +6,12 @@
 #include <unistd.h>
 
 #include <fmt/core.h>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 
+#include "lazyfs/cache.h"
 #include "lazyfs/filesystem.h"
 #include "lazyfs/log.h"
 #include "lazyfs/open_source.h"
@@ -108,16 +110,37 @@ Status check_mountpoint(const std::filesystem::path& mountpoint) {
   return {};
 }
 
+// Whether the cache holds every file of the checkpoint whole, as the maps on
+// disk say: then the mount needs no source.
+bool cache_holds_all(const std::filesystem::path& dir, const Catalog& catalog) {
+  Status st;
+  auto cache = BlockCache::open(dir, catalog.identity(), st);
+  if (!cache) return false;
+  return std::all_of(catalog.files().begin(), catalog.files().end(), [&](const auto& f) {
+    return cache->wholly_present_file(f.path, f.size) != nullptr;
+  });
+}
+
 int run_mount(const MountOptions& options, const Catalog& catalog,
               const std::function<void(const Status&)>& ready) {
+  FilesystemOptions fo;
+  fo.cache_dir = options.cache_dir.empty() ? default_cache_dir() : options.cache_dir;
   Status st;
   auto source = std::shared_ptr<Source>(make_source(options.source, options, st));
+  Status unreachable;
+  if (!source && st.errnum() != EINVAL && cache_holds_all(fo.cache_dir, catalog)) {
+    // Released after a completed fill, say: the cache is the whole copy.
+    unreachable = st;
+    fmt::print(stderr,
+               "lazyfs: {}; every file is wholly in the cache, serving them without the "
+               "source\n",
+               st.message());
+    source = make_unreachable_source(options.source, st);
+  }
   if (!source) {
     ready(st);
     return 1;
   }
-  FilesystemOptions fo;
-  fo.cache_dir = options.cache_dir.empty() ? default_cache_dir() : options.cache_dir;
   fo.engine.block_size = options.block_size;
   fo.engine.retry_budget = options.timeout;
   fo.read_only = options.read_only;
@@ -140,6 +163,13 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   if (st.ok()) st = fs->handle_signals();
   ready(st);
   if (!st.ok()) return st.errnum() == EINVAL ? 2 : 1;
+  if (!unreachable.ok()) {
+    // Now that the log is where it stays.
+    log::warn("mount",
+              "source unreachable ({}); every file is wholly in the cache, serving "
+              "them without it",
+              unreachable.message());
+  }
   const int rc = fs->serve();
   return rc < 0 ? 1 : 0;
 }

@@ -5,7 +5,9 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstring>
 #include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "lazyfs/trace.h"
@@ -70,13 +72,7 @@ TEST_CASE("with --fill every file becomes local and status --wait returns 0", "[
   CHECK(fetched == st["total_bytes"].get<uint64_t>());
   // Byte-identical, and reading them fetches nothing more.
   for (const auto& f : rig.catalog.files()) {
-    auto expected = source_bytes(f.path, 0, f.size.value_or(kAppendSize));
-    if (f.has_build_id)
-      std::memcpy(expected.data(),
-                  "\x7f"
-                  "ELF",
-                  4);
-    CHECK(read_file(rig.at(f.path)) == expected);
+    CHECK(read_file(rig.at(f.path)) == file_bytes(f));
   }
   CHECK(rig.mount->status()["fetched_bytes"].get<uint64_t>() == fetched);
 }
@@ -112,6 +108,53 @@ TEST_CASE("after a restart the fill continues without fetching again", "[mount][
   // What the first daemon fetched (and flushed at unmount) is not fetched again.
   CHECK(st["fetched_bytes"].get<uint64_t>() + before <= st["total_bytes"].get<uint64_t>() + kBlock);
   CHECK(read_file(rig.at(kBig)) == source_bytes(kBig, 0, 16 << 20));
+}
+
+TEST_CASE("once the fill is complete the source can go: a restart serves every file without it",
+          "[mount][fill][sftp]") {
+  SshServer sshd;
+  Rig rig;
+  const std::string uri =
+      "sftp://root@127.0.0.1:" + std::to_string(sshd.port()) + rig.source.string();
+  const auto with = [&](std::vector<std::string> extra) {
+    for (const auto& o : {"--identity", sshd.user_key().c_str(), "--known-hosts",
+                          sshd.known_hosts().c_str(), "--timeout", "2"}) {
+      extra.emplace_back(o);
+    }
+    return extra;
+  };
+  SECTION("every file local") {
+    rig.start(uri, with({"--fill"}));
+    REQUIRE(run_lazyfs({"status", "--wait", rig.mnt.string()}).status == 0);
+    REQUIRE(rig.mount->stop());
+    sshd.stop();
+    const auto log = rig.dir.path() / "offline.log";
+    rig.start(uri, with({"--log-file", log.string()}));
+    for (const auto& f : rig.catalog.files()) {
+      CHECK(read_file(rig.at(f.path)) == file_bytes(f));
+    }
+    auto st = rig.mount->status();
+    CHECK(st["complete"] == true);
+    CHECK(st["fetched_bytes"] == 0);
+    CHECK(st["source"]["state"] == "down");
+    std::ifstream in(log);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK_THAT(text, Catch::Contains("source unreachable") &&
+                         Catch::Contains("every file is wholly in the cache"));
+  }
+  SECTION("one file short: the mount fails as before") {
+    rig.start(uri, with({}));
+    CHECK(read_file(rig.at(kBig)).size() == 16 << 20);
+    REQUIRE(rig.mount->stop());
+    sshd.stop();
+    std::filesystem::create_directories(rig.mnt);
+    auto r = run_lazyfs({"mount", "--cache-dir", rig.cache.string(), "--identity",
+                         sshd.user_key().string(), "--known-hosts", sshd.known_hosts().string(),
+                         rig.mnt.string(), rig.images.string(), uri});
+    CHECK(r.status != 0);
+    CHECK_THAT(r.err, Catch::Contains("127.0.0.1") && Catch::Contains("refused"));
+    CHECK_FALSE(is_mounted(rig.mnt));
+  }
 }
 
 TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", "[mount][trace]") {

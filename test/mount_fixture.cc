@@ -49,17 +49,21 @@ std::vector<uint8_t> source_bytes(const std::string& path, uint64_t offset, size
   return out;
 }
 
+std::vector<uint8_t> file_bytes(const CatalogFile& f) {
+  auto bytes = source_bytes(f.path, 0, static_cast<size_t>(f.size.value_or(kAppendSize)));
+  if (f.has_build_id && bytes.size() >= 4)
+    std::memcpy(bytes.data(),
+                "\x7f"
+                "ELF",
+                4);
+  return bytes;
+}
+
 void populate_source(const Catalog& catalog, const std::filesystem::path& root) {
   for (const auto& f : catalog.files()) {
     auto file = std::filesystem::path(root.string() + f.path);
     std::filesystem::create_directories(file.parent_path());
-    auto bytes = source_bytes(f.path, 0, static_cast<size_t>(f.size.value_or(kAppendSize)));
-    if (f.has_build_id && bytes.size() >= 4)
-      std::memcpy(bytes.data(),
-                  "\x7f"
-                  "ELF",
-                  4);
-    write_bytes(file, bytes);
+    write_bytes(file, file_bytes(f));
     if (f.mode) ::chmod(file.c_str(), *f.mode & 07777);
   }
 }

@@ -24,6 +24,8 @@ std::vector<uint8_t> source_bytes(const std::string& path, uint64_t offset, size
 // a build-id start with an ELF magic.
 inline constexpr uint64_t kAppendSize = 5000;
 void populate_source(const Catalog& catalog, const std::filesystem::path& root);
+// The whole content populate_source() gives `f`, which a mount must serve.
+std::vector<uint8_t> file_bytes(const CatalogFile& f);
 
 // A running `lazyfs mount`, stopped (SIGTERM, then waited for) on destruction.
 class LazyfsMount {

@@ -377,6 +377,12 @@ Status CacheFile::load_map_locked() {
   size_ = source_size_;
   present_.clear();
   local_.clear();
+  // An empty file is whole from the start: its (empty) data file and a map
+  // with the stat make it served without the source next time.
+  if (size_ == 0 && source_stat_) {
+    ++generation_;
+    return ensure_data_locked();
+  }
   return {};
 }
 
@@ -670,15 +676,31 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   return raw;
 }
 
-CacheFile* BlockCache::wholly_present_file(const std::string& path, uint64_t source_size) {
+CacheFile* BlockCache::wholly_present_file(const std::string& path,
+                                           std::optional<uint64_t> source_size) {
   std::lock_guard lock(mutex_);
   if (auto it = files_.find(path); it != files_.end()) {
     CacheFile* f = it->second.get();
-    const bool whole = f->source_size() == source_size && f->wholly_present() && f->source_stat();
+    const bool whole = f->source_size() == source_size.value_or(f->source_size()) &&
+                       f->wholly_present() && f->source_stat();
     return whole ? f : nullptr;
   }
+  const auto base = dir_ / stem(path);
+  if (!source_size) {
+    // The map's own, which opening it checks with everything else.
+    std::vector<uint8_t> raw;
+    auto map_path = base;
+    map_path += ".map";
+    if (read_whole_file(map_path, kMaxMapBytes, raw)) return nullptr;
+    MapReader in(std::string_view(reinterpret_cast<const char*>(raw.data()), raw.size()));
+    in.bytes(kMagic.size() + 4);
+    in.bytes(in.u32());
+    in.bytes(in.u32());
+    source_size = in.u64();
+    if (!in.ok()) return nullptr;
+  }
   Status status;
-  auto f = CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status);
+  auto f = CacheFile::open(base, checkpoint_id_, path, *source_size, status);
   if (!f || !f->wholly_present() || !f->source_stat()) return nullptr;
   auto* raw = f.get();
   files_.emplace(path, std::move(f));

@@ -265,10 +265,9 @@ std::shared_ptr<FetchEngine::Job> FetchEngine::hasten_validation_locked(File& f,
 
 // A file the cache holds whole, as its map on disk says, is validated by
 // the map: it no longer needs the source, which may be gone (released once
-// the fill completed). A file recorded without a size is always asked.
+// the fill completed).
 bool FetchEngine::validate_locally(File& f, Validated& out) {
-  if (!f.recorded_size) return false;
-  CacheFile* cache = cache_.wholly_present_file(f.path, *f.recorded_size);
+  CacheFile* cache = cache_.wholly_present_file(f.path, f.recorded_size);
   if (!cache) return false;
   on_validated(f, {}, *cache->source_stat(), out);
   return true;

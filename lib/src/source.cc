@@ -1,5 +1,6 @@
 #include "lazyfs/source.h"
 
+#include <cerrno>
 #include <cstring>
 
 namespace lazyfs {
@@ -24,6 +25,33 @@ Status read_into(Source& source, const std::string& path, uint64_t offset, std::
     std::memcpy(buf.data() + (at - offset), data.data(), data.size());
     got = static_cast<size_t>(at - offset) + data.size();
   });
+}
+
+namespace {
+
+// Every call fails with why the source could not be reached.
+class UnreachableSource : public Source {
+ public:
+  UnreachableSource(std::string description, Status reason)
+      : description_(std::move(description)),
+        reason_(Status::permanent(reason.errnum() ? reason.errnum() : EHOSTUNREACH,
+                                  reason.message())) {}
+
+  std::string describe() const override { return description_; }
+  Status stat(const std::string&, SourceStat&) override { return reason_; }
+  Status read(const std::string&, uint64_t, uint64_t, const ChunkSink&) override { return reason_; }
+  unsigned max_concurrency() const override { return 1; }
+  SourceState state() const override { return SourceState::kDown; }
+
+ private:
+  std::string description_;
+  Status reason_;
+};
+
+}  // namespace
+
+std::unique_ptr<Source> make_unreachable_source(std::string description, Status reason) {
+  return std::make_unique<UnreachableSource>(std::move(description), std::move(reason));
 }
 
 }  // namespace lazyfs

@@ -139,8 +139,9 @@ class BlockCache {
                   const std::optional<SourceStat>& source_stat = {});
   // The cache file for `path` if its map says it is wholly present and with
   // what stat from the source: such a file is served without the source.
-  // Null otherwise (a file opened only to look is closed again).
-  CacheFile* wholly_present_file(const std::string& path, uint64_t source_size);
+  // Null otherwise (a file opened only to look is closed again). Without a
+  // source size (none was recorded), the map's is taken.
+  CacheFile* wholly_present_file(const std::string& path, std::optional<uint64_t> source_size);
 
   // The name stem of `path`'s files inside the directory.
   std::string stem(const std::string& path) const;

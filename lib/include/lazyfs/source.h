@@ -120,4 +120,9 @@ Status read_into(Source& source, const std::string& path, uint64_t offset, std::
 // checkpoints kept on shared storage.
 std::unique_ptr<Source> make_local_source(const std::string& root, Status& status);
 
+// A source that could not be reached and is not needed: every call fails
+// with `reason`, permanently. A mount whose files are all wholly in the cache
+// serves them over it (their maps stand in for the source's stat).
+std::unique_ptr<Source> make_unreachable_source(std::string description, Status reason);
+
 }  // namespace lazyfs
