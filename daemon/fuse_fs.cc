@@ -408,7 +408,9 @@ void lfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_
           CacheFile* cache = f.engine().cache_file(id);
           const uint64_t fsize = cache->size();
           const uint64_t len = offset >= fsize ? 0 : std::min<uint64_t>(size, fsize - offset);
-          reply_from_fd(f, r, cache->fd(), offset, len);
+          const SharedFd fd = cache->fd();
+          if (!fd) return reply_err(f, Op::kRead, r, EIO);
+          reply_from_fd(f, r, fd->get(), offset, len);
         });
   });
 }

@@ -16,7 +16,9 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <random>
@@ -35,6 +37,7 @@ using lazyfs::BlockCache;
 using lazyfs::CacheFile;
 using lazyfs::Range;
 using lazyfs::RangeSet;
+using lazyfs::SharedFd;
 using lazyfs::Status;
 using lazyfs::test::ScratchDir;
 namespace fs = std::filesystem;
@@ -73,7 +76,7 @@ std::vector<std::byte> local(uint64_t off, size_t len) {
 
 std::vector<uint8_t> read_data(CacheFile& f, Range r) {
   std::vector<uint8_t> out(r.size());
-  if (auto ec = lazyfs::pread_all(f.fd(), out.data(), out.size(), r.begin)) {
+  if (auto ec = lazyfs::pread_all(f.fd()->get(), out.data(), out.size(), r.begin)) {
     FAIL(fmt::format("pread [{},{}): {}", r.begin, r.end, ec.message()));
   }
   return out;
@@ -784,6 +787,74 @@ TEST_CASE("cache: maps with a valid checksum but bad content are refused", "[cac
   }
 }
 
+namespace {
+
+size_t open_fds() {
+  return static_cast<size_t>(
+      std::distance(fs::directory_iterator("/proc/self/fd"), fs::directory_iterator{}));
+}
+
+std::vector<uint8_t> as_bytes(const std::vector<std::byte>& v) {
+  std::vector<uint8_t> out(v.size());
+  std::memcpy(out.data(), v.data(), v.size());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("cache: at most max_open_files data files stay open, closed ones reopen intact",
+          "[cache]") {
+  ScratchDir dir("cache");
+  Status st;
+  constexpr size_t kMax = 8;
+  constexpr size_t kFiles = 100;
+  const auto path_of = [](size_t i) { return fmt::format("/srv/f{:03}", i); };
+  const size_t fds_before = open_fds();
+  auto cache = BlockCache::open(dir.path() / "c", kCheckpoint, st, kMax);
+  REQUIRE(cache);
+  CHECK(cache->max_open_files() == kMax);
+  for (size_t i = 0; i < kFiles; ++i) {
+    auto* f = cache->file(path_of(i), 4096, st);
+    REQUIRE(f);
+    require_ok(f->write_fetched(0, fetched(i * 4096, 4096)));
+    CHECK(cache->open_files() <= kMax);
+  }
+  CHECK(open_fds() <= fds_before + kMax + 1);  // + the cache directory
+  // A reader keeps the descriptor it was given after the file is closed.
+  auto* first = cache->file(path_of(0), 4096, st);
+  const SharedFd held = first->fd();
+  REQUIRE(held);
+  // Half of them changed again after the closing, and flushed one by one
+  // (the closed ones through a syncfs), the rest in a batch.
+  for (size_t i = 1; i < kFiles; i += 2) {
+    auto* f = cache->file(path_of(i), 4096, st);
+    require_ok(f->write_local(10, local(10, 10)));
+    require_ok(f->flush());
+  }
+  std::vector<uint8_t> got(4096);
+  REQUIRE(lazyfs::pread_all(held->get(), got.data(), got.size(), 0).value() == 0);
+  CHECK(got == as_bytes(fetched(0, 4096)));
+  require_ok(cache->flush_all());
+  CHECK(cache->open_files() <= kMax);
+  cache.reset();
+
+  cache = BlockCache::open(dir.path() / "c", kCheckpoint, st, kMax);
+  REQUIRE(cache);
+  for (size_t i = 0; i < kFiles; ++i) {
+    auto* f = cache->file(path_of(i), 4096, st);
+    REQUIRE(f);
+    INFO(path_of(i));
+    CHECK(f->wholly_present());
+    auto want = as_bytes(fetched(i * 4096, 4096));
+    if (i % 2 == 1) {
+      auto l = as_bytes(local(10, 10));
+      std::copy(l.begin(), l.end(), want.begin() + 10);
+    }
+    CHECK(read_data(*f, {0, 4096}) == want);
+    CHECK(cache->open_files() <= kMax);
+  }
+}
+
 TEST_CASE("cache: block cache hands out one file per path", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";
@@ -1268,7 +1339,7 @@ TEST_CASE("cache: concurrent writes, truncates and flushes stay consistent", "[c
         continue;
       }
       buf.resize(r.size());
-      ssize_t n = ::pread(f->fd(), buf.data(), buf.size(), static_cast<off_t>(r.begin));
+      ssize_t n = ::pread(f->fd()->get(), buf.data(), buf.size(), static_cast<off_t>(r.begin));
       for (ssize_t i = 0; i < n; ++i) {
         uint64_t o = r.begin + static_cast<uint64_t>(i);
         uint8_t b = buf[static_cast<size_t>(i)];

@@ -90,7 +90,8 @@ struct Rig {
   }
   void check_bytes(uint64_t offset, uint64_t length) {
     std::vector<std::byte> buf(length);
-    REQUIRE(pread_all(engine->cache_file(file)->fd(), buf.data(), length, offset).value() == 0);
+    REQUIRE(pread_all(engine->cache_file(file)->fd()->get(), buf.data(), length, offset).value() ==
+            0);
     for (uint64_t i = 0; i < length; ++i) {
       if (buf[i] != pattern_byte(offset + i)) FAIL("wrong byte at " << offset + i);
     }
@@ -440,8 +441,8 @@ TEST_CASE("bytes written locally survive a fetch that lands later", "[engine]") 
   rig.source->open_gate();
   REQUIRE(c.wait(1));
   std::string got(local.size(), '\0');
-  REQUIRE(pread_all(rig.engine->cache_file(rig.file)->fd(), got.data(), got.size(), 100).value() ==
-          0);
+  REQUIRE(pread_all(rig.engine->cache_file(rig.file)->fd()->get(), got.data(), got.size(), 100)
+              .value() == 0);
   CHECK(got == local);
   rig.check_bytes(0, 100);
 }

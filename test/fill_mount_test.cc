@@ -1,14 +1,18 @@
 // The fill and traces on real mounts: `status --wait`, a source that stops
 // half way, a restart that resumes, and a recorded trace prefetched next time.
 #include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <fmt/core.h>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <fstream>
 #include <iterator>
 #include <thread>
 
+#include "lazyfs/checkpoint_writer.h"
 #include "lazyfs/trace.h"
 #include "mount_fixture.h"
 #include "sshd_fixture.h"
@@ -154,6 +158,47 @@ TEST_CASE("once the fill is complete the source can go: a restart serves every f
     CHECK_THAT(r.err, Catch::Contains("127.0.0.1") && Catch::Contains("refused"));
     CHECK_FALSE(is_mounted(rig.mnt));
   }
+}
+
+TEST_CASE("a fill of more files than the daemon may have open completes", "[mount][fill]") {
+  // 600 files, a daemon limited to 128 open files: the cache keeps at most
+  // 32 data files open and reopens the others when it needs them.
+  ScratchDir dir("manyfiles");
+  std::vector<CheckpointFile> files;
+  for (int i = 0; i < 600; ++i) {
+    files.push_back({fmt::format("/srv/many/d{}/f{:03}.bin", i / 100, i),
+                     static_cast<uint64_t>(1000 + 37 * i), S_IFREG | 0644, 0, 0});
+  }
+  write_checkpoint(dir.path() / "images", files, "run-many");
+  const auto source = dir.path() / "source";
+  for (const auto& f : files) {
+    auto p = std::filesystem::path(source.string() + f.path);
+    std::filesystem::create_directories(p.parent_path());
+    write_bytes(p, source_bytes(f.path, 0, *f.size));
+  }
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = 128;
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::unique_ptr<LazyfsMount> mount;
+  try {
+    mount = std::make_unique<LazyfsMount>(
+        dir.path() / "mnt", dir.path() / "images", "file://" + source.string(),
+        std::vector<std::string>{"--cache-dir", (dir.path() / "cache").string(), "--fill"});
+  } catch (...) {
+    ::setrlimit(RLIMIT_NOFILE, &old);
+    throw;
+  }
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  auto r = run_lazyfs({"status", "--wait", mount->mountpoint().string()});
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  for (const auto& f : files) {
+    INFO(f.path);
+    CHECK(read_file(mount->at(f.path)) == source_bytes(f.path, 0, *f.size));
+  }
+  CHECK(mount->status()["errors"] == 0);
 }
 
 TEST_CASE("a recorded trace is prefetched by the next mount: no demand misses", "[mount][trace]") {

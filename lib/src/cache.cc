@@ -32,6 +32,7 @@
 #include "lazyfs/cache.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -235,11 +236,13 @@ std::optional<std::string> decode_map(std::string_view file, const MapContents& 
 }
 
 // Makes `map` the file's map: every byte it calls present was written
-// before it was encoded, and those writes are made durable before a map
+// before it was encoded, and those writes are made durable (fdatasync of the
+// data file, or syncfs of its file system through `fd`) before a map
 // claiming them can be; then the map replaces the old one atomically.
-Status commit_map(int data_fd, const std::filesystem::path& map_path, const std::string& map) {
+Status commit_map(int fd, bool whole_fs, const std::filesystem::path& map_path,
+                  const std::string& map) {
   flush_step(cache_hooks::FlushStep::kSnapshotTaken);
-  if (::fdatasync(data_fd) != 0) {
+  if ((whole_fs ? ::syncfs(fd) : ::fdatasync(fd)) != 0) {
     return io_status(last_errno(), fmt::format("cache sync for {}", map_path.string()));
   }
   flush_step(cache_hooks::FlushStep::kDataSynced);
@@ -313,7 +316,9 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
   return f;
 }
 
-CacheFile::~CacheFile() = default;
+CacheFile::~CacheFile() {
+  if (owner_) owner_->forget(this);
+}
 
 Status CacheFile::load_map_locked() {
   // A leftover of a write_file_atomic that a crash interrupted.
@@ -326,6 +331,7 @@ Status CacheFile::load_map_locked() {
   bool have_map = ec != std::errc::no_such_file_or_directory;
   std::optional<std::string> problem;
   MapContents m;
+  UniqueFd data_fd;  // for the checks; it reopens when used
   if (ec) {
     if (have_map) problem = "unreadable: " + ec.message();
   } else {
@@ -333,11 +339,11 @@ Status CacheFile::load_map_locked() {
     MapContents expect{checkpoint_id_, path_, source_size_, {}, 0, {}, {}};
     problem = decode_map(file, expect, m);
     if (!problem) {
-      fd_ = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
-      if (!fd_) problem = "cannot open the data file: " + last_errno().message();
+      data_fd = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+      if (!data_fd) problem = "cannot open the data file: " + last_errno().message();
     }
     struct stat st;
-    if (!problem && ::fstat(fd_.get(), &st) != 0) problem = "cannot stat the data file";
+    if (!problem && ::fstat(data_fd.get(), &st) != 0) problem = "cannot stat the data file";
     if (!problem && static_cast<uint64_t>(st.st_size) < m.size) {
       // The map is written only after the data file reached `size` durably:
       // a shorter one was replaced or cut behind our back.
@@ -347,9 +353,10 @@ Status CacheFile::load_map_locked() {
 
   if (have_map && !problem) {
     // Bytes past `size` can only be from writes the map never recorded.
-    if (::ftruncate(fd_.get(), static_cast<off_t>(m.size)) != 0) {
+    if (::ftruncate(data_fd.get(), static_cast<off_t>(m.size)) != 0) {
       return io_status(last_errno(), fmt::format("cannot truncate {}", data_path_.string()));
     }
+    data_exists_ = true;
     size_ = m.size;
     present_ = std::move(m.present);
     local_ = std::move(m.local);
@@ -373,7 +380,7 @@ Status CacheFile::load_map_locked() {
   }
   // Cold: the data file is made (emptied, if one is left) at the first
   // write, so a file that is never read costs no disk.
-  fd_.reset();
+  data_exists_ = false;
   size_ = source_size_;
   present_.clear();
   local_.clear();
@@ -386,28 +393,52 @@ Status CacheFile::load_map_locked() {
   return {};
 }
 
-// Creates the data file of a cold cache file: empty, then sparse to size_.
+// Opens the data file, reopening one that was closed, or creating that of
+// a cold cache file: empty, then sparse to size_.
 Status CacheFile::ensure_data_locked() {
-  if (fd_) return {};
-  UniqueFd fd(
-      ::open(data_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, kFileMode));
-  if (!fd) {
-    return io_status(last_errno(), fmt::format("cannot create cache file {}", data_path_.string()));
+  if (fd_) {
+    if (owner_) owner_->used(this);
+    return {};
   }
-  if (::ftruncate(fd.get(), static_cast<off_t>(size_)) != 0) {
-    return io_status(last_errno(), fmt::format("cannot size {}", data_path_.string()));
+  UniqueFd fd;
+  if (data_exists_) {
+    fd = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
+    if (!fd) {
+      return io_status(last_errno(), fmt::format("cannot open cache file {}", data_path_.string()));
+    }
+  } else {
+    fd = UniqueFd(
+        ::open(data_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, kFileMode));
+    if (!fd) {
+      return io_status(last_errno(),
+                       fmt::format("cannot create cache file {}", data_path_.string()));
+    }
+    if (::ftruncate(fd.get(), static_cast<off_t>(size_)) != 0) {
+      return io_status(last_errno(), fmt::format("cannot size {}", data_path_.string()));
+    }
+    data_exists_ = true;
   }
-  fd_ = std::move(fd);
+  fd_ = std::make_shared<UniqueFd>(std::move(fd));
+  if (owner_) owner_->opened(this);
   return {};
 }
 
-int CacheFile::fd() {
+// Writes through the closed descriptor not yet flushed are made durable by a
+// syncfs at the next flush, not by an fdatasync of a new descriptor, which
+// would not report a write-back error that came before it was opened.
+void CacheFile::close_data_locked() {
+  if (!fd_) return;
+  if (generation_ != flushed_generation_) closed_at_generation_ = generation_;
+  fd_.reset();
+}
+
+SharedFd CacheFile::fd() {
   std::lock_guard lock(mutex_);
   if (auto st = ensure_data_locked(); !st.ok()) {
     log::error("cache", "{}", st.message());
-    return -1;
+    return nullptr;
   }
-  return fd_.get();
+  return fd_;
 }
 
 // Fetched bytes are kept only while the source's file is the one they came
@@ -518,7 +549,7 @@ Status CacheFile::write_fetched(uint64_t offset, std::span<const std::byte> data
   Status status;
   for (Range m : present_.missing({offset, std::min(end, size_)})) {
     if (status = ensure_data_locked(); !status.ok()) break;
-    if (auto ec = pwrite_all(fd_.get(), data.data() + (m.begin - offset), m.size(), m.begin)) {
+    if (auto ec = pwrite_all(fd_->get(), data.data() + (m.begin - offset), m.size(), m.begin)) {
       status = io_status(ec, fmt::format("cache write {} off={} len={}", path_, m.begin, m.size()));
       break;
     }
@@ -537,13 +568,13 @@ Status CacheFile::write_local(uint64_t offset, std::span<const std::byte> data) 
   uint64_t end = offset + data.size();
   std::lock_guard lock(mutex_);
   if (auto st = ensure_data_locked(); !st.ok()) return st;
-  if (auto ec = pwrite_all(fd_.get(), data.data(), data.size(), offset)) {
+  if (auto ec = pwrite_all(fd_->get(), data.data(), data.size(), offset)) {
     // Part of the write may have landed. Bytes that were fetched no longer
     // hold the source's value: forget them so that they are fetched again.
     // Local bytes stay local, holding old or new bytes as a failed write may.
     for (Range m : local_.missing({offset, std::min(end, size_)})) present_.erase(m);
     // Past the end the data file must stay zeros (the local tail).
-    if (end > size_ && ::ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0) {
+    if (end > size_ && ::ftruncate(fd_->get(), static_cast<off_t>(size_)) != 0) {
       log::error("cache", "cannot trim path={} after a failed write: {}", path_,
                  last_errno().message());
     }
@@ -581,7 +612,7 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   if (new_size == size_) return {};
   if (auto st = ensure_data_locked(); !st.ok()) return st;
   if (new_size > size_) {
-    if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+    if (::ftruncate(fd_->get(), static_cast<off_t>(new_size)) != 0) {
       return io_status(last_errno(), fmt::format("cache truncate {} to {}", path_, new_size));
     }
     present_.insert({size_, kEnd});
@@ -597,13 +628,16 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   next_local.insert({new_size, kEnd});
   auto map = encode_map(checkpoint_id_, path_, source_size_, source_stat_, new_size, next_present,
                         next_local);
-  if (Status status = commit_map(fd_.get(), map_path_, map); !status.ok()) {
+  const bool whole_fs = closed_at_generation_ > flushed_generation_;
+  if (Status status =
+          commit_map(whole_fs ? owner_->dir_fd_.get() : fd_->get(), whole_fs, map_path_, map);
+      !status.ok()) {
     // The new map may or may not be in place; either is safe with the data
     // file uncut. The next flush rewrites it from the unchanged state.
     ++generation_;
     return status;
   }
-  if (::ftruncate(fd_.get(), static_cast<off_t>(new_size)) != 0) {
+  if (::ftruncate(fd_->get(), static_cast<off_t>(new_size)) != 0) {
     ++generation_;
     return io_status(last_errno(), fmt::format("cache truncate {} to {}", path_, new_size));
   }
@@ -619,15 +653,19 @@ Status CacheFile::flush() {
   std::lock_guard flush_lock(flush_mutex_);
   std::string map;
   uint64_t generation = 0;
-  int fd = -1;
+  SharedFd fd;
+  bool whole_fs = false;
   {
     std::lock_guard lock(mutex_);
     if (generation_ == flushed_generation_) return {};
     generation = generation_;
     map = serialize_locked();
-    fd = fd_.get();  // set: every change wrote to it
+    if (Status st = ensure_data_locked(); !st.ok()) return st;
+    whole_fs = closed_at_generation_ > flushed_generation_;
+    fd = whole_fs ? nullptr : fd_;
   }
-  if (Status status = commit_map(fd, map_path_, map); !status.ok()) return status;
+  const int sync_fd = whole_fs ? owner_->dir_fd_.get() : fd->get();
+  if (Status status = commit_map(sync_fd, whole_fs, map_path_, map); !status.ok()) return status;
   std::lock_guard lock(mutex_);
   flushed_generation_ = generation;
   return {};
@@ -637,13 +675,78 @@ Status CacheFile::flush() {
 // BlockCache
 
 std::unique_ptr<BlockCache> BlockCache::open(const std::filesystem::path& dir,
-                                             const std::string& checkpoint_id, Status& status) {
+                                             const std::string& checkpoint_id, Status& status,
+                                             size_t max_open_files) {
   status = make_private_dir(dir);
   if (!status.ok()) return nullptr;
   auto cache = std::make_unique<BlockCache>();
   cache->dir_ = dir;
+  cache->dir_fd_ = UniqueFd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!cache->dir_fd_) {
+    status = io_status(last_errno(), fmt::format("cannot open cache dir {}", dir.string()));
+    return nullptr;
+  }
   cache->checkpoint_id_ = checkpoint_id;
+  if (max_open_files == 0) {
+    rlimit rl{};
+    const rlim_t soft = ::getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+    max_open_files = static_cast<size_t>(std::clamp<rlim_t>(soft / 4, 16, 4096));
+  }
+  cache->max_open_ = max_open_files;
   return cache;
+}
+
+BlockCache::~BlockCache() {
+  // Files go first: they leave the open-file list, which must still exist.
+  files_.clear();
+}
+
+size_t BlockCache::open_files() const {
+  std::lock_guard lock(lru_mutex_);
+  return lru_.size();
+}
+
+CacheFile* BlockCache::adopt(std::unique_ptr<CacheFile> f) {
+  auto* raw = f.get();
+  {
+    std::lock_guard lock(raw->mutex_);
+    raw->owner_ = this;
+    if (raw->fd_) opened(raw);
+  }
+  files_.emplace(raw->path(), std::move(f));
+  return raw;
+}
+
+void BlockCache::opened(CacheFile* f) {
+  std::lock_guard lock(lru_mutex_);
+  if (f->in_lru_) {
+    lru_.splice(lru_.begin(), lru_, f->lru_pos_);
+  } else {
+    f->lru_pos_ = lru_.insert(lru_.begin(), f);
+    f->in_lru_ = true;
+  }
+  // Close the least recently used, skipping files busy right now (their
+  // mutex is held: waiting for it here could deadlock).
+  auto it = lru_.end();
+  while (lru_.size() > max_open_ && it != lru_.begin()) {
+    CacheFile* victim = *--it;
+    if (victim == f || !victim->mutex_.try_lock()) continue;
+    victim->close_data_locked();
+    victim->in_lru_ = false;
+    it = lru_.erase(it);
+    victim->mutex_.unlock();
+  }
+}
+
+void BlockCache::used(CacheFile* f) {
+  std::lock_guard lock(lru_mutex_);
+  if (f->in_lru_) lru_.splice(lru_.begin(), lru_, f->lru_pos_);
+}
+
+void BlockCache::forget(CacheFile* f) {
+  std::lock_guard lock(lru_mutex_);
+  if (f->in_lru_) lru_.erase(f->lru_pos_);
+  f->in_lru_ = false;
 }
 
 std::string BlockCache::stem(const std::string& path) const {
@@ -671,9 +774,7 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   auto f =
       CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status, source_stat);
   if (!f) return nullptr;
-  auto* raw = f.get();
-  files_.emplace(path, std::move(f));
-  return raw;
+  return adopt(std::move(f));
 }
 
 CacheFile* BlockCache::wholly_present_file(const std::string& path,
@@ -702,9 +803,7 @@ CacheFile* BlockCache::wholly_present_file(const std::string& path,
   Status status;
   auto f = CacheFile::open(base, checkpoint_id_, path, *source_size, status);
   if (!f || !f->wholly_present() || !f->source_stat()) return nullptr;
-  auto* raw = f.get();
-  files_.emplace(path, std::move(f));
-  return raw;
+  return adopt(std::move(f));
 }
 
 // A batch holds the flush_mutex_ of each of its files from the snapshot to
@@ -764,14 +863,11 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   };
   // One syncfs makes every data file of the batch durable at once (and
   // whatever else the file system holds; one call instead of an fdatasync
-  // per file).
-  UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  // per file). Through the cache's own descriptor, open since the cache was,
+  // it reports any write-back error since then, also of closed data files.
+  const UniqueFd& dir_fd = dir_fd_;
   std::error_code sync_ec;
-  if (!dir_fd) {
-    sync_ec = last_errno();
-  } else if (::syncfs(dir_fd.get()) != 0) {
-    sync_ec = last_errno();
-  }
+  if (::syncfs(dir_fd.get()) != 0) sync_ec = last_errno();
   if (sync_ec) {
     for (auto& p : pending) fail(p, sync_ec, "cache sync for");
     return pending.front().status;

@@ -84,7 +84,9 @@ Status LazyReader::read(const std::string& path, uint64_t offset, std::span<std:
   Wait wait;
   engine_->request(id, offset, len, Priority::kDemand, wait.completion());
   if (auto st = wait.get(); !st.ok()) return st;
-  if (auto ec = pread_all(engine_->cache_file(id)->fd(), buf.data(), len, offset)) {
+  const SharedFd fd = engine_->cache_file(id)->fd();
+  if (!fd) return Status::permanent(EIO, fmt::format("cannot open the cache of {}", path));
+  if (auto ec = pread_all(fd->get(), buf.data(), len, offset)) {
     return Status::permanent(ec.value(),
                              fmt::format("reading the cache of {}: {}", path, ec.message()));
   }

@@ -19,14 +19,22 @@
 // Locally written bytes are the file's truth: a fetch that lands later never
 // overwrites them.
 //
-// Lock order: CacheFile::mutex_ is a leaf; BlockCache::mutex_ is taken before
-// a CacheFile's and never while one is held. Neither is held across network
-// I/O (the cache does none).
+// Open files: a BlockCache keeps at most max_open_files() data files open
+// (a quarter of the process's limit on open files, by default), closing the
+// least recently used; a file reopens its data file when next used. fd()
+// hands out a shared reference, so a data file that is closed while a reader
+// still uses it stays open until that reader is done.
+//
+// Lock order: BlockCache::mutex_, then a CacheFile::mutex_, then
+// BlockCache::lru_mutex_; under lru_mutex_ other files' mutexes are only
+// tried (try_lock), never waited for. None is held across network I/O (the
+// cache does none).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -40,6 +48,11 @@
 #include "lazyfs/status.h"
 
 namespace lazyfs {
+
+class BlockCache;
+
+// A data file's descriptor, open for as long as someone holds it.
+using SharedFd = std::shared_ptr<const UniqueFd>;
 
 class CacheFile {
  public:
@@ -59,10 +72,9 @@ class CacheFile {
                                          uint64_t source_size, Status& status,
                                          const std::optional<SourceStat>& source_stat = {});
 
-  // The data file, for reads of present bytes (pread, splice); created if
-  // it was not yet (-1 if that fails, logged). Valid for the life of this
-  // object.
-  int fd();
+  // The data file, for reads of present bytes (pread, splice); created or
+  // reopened if need be (null if that fails, logged).
+  SharedFd fd();
   const std::string& path() const { return path_; }
   // The size of the file on the source, as given to open().
   uint64_t source_size() const { return source_size_; }
@@ -104,6 +116,8 @@ class CacheFile {
  private:
   CacheFile() = default;
   Status load_map_locked();
+  // Closes the data file (it reopens when next used); with mutex_ held.
+  void close_data_locked();
   void adopt_source_stat_locked(const std::optional<SourceStat>& recorded);
   Status ensure_data_locked();
   std::string serialize_locked() const;
@@ -114,14 +128,19 @@ class CacheFile {
   std::string path_;
   uint64_t source_size_ = 0;
   mutable std::mutex mutex_;
-  std::optional<SourceStat> source_stat_;  // guarded by mutex_
-  UniqueFd fd_;                            // guarded by mutex_; open once written to
-  uint64_t size_ = 0;                      // guarded by mutex_
-  RangeSet present_;                       // guarded by mutex_
-  RangeSet local_;                         // guarded by mutex_
-  uint64_t generation_ = 0;                // guarded by mutex_; bumped by every change
-  uint64_t flushed_generation_ = 0;        // written under flush_mutex_ and mutex_
-  std::mutex flush_mutex_;                 // one flush at a time; taken before mutex_
+  std::optional<SourceStat> source_stat_;    // guarded by mutex_
+  std::shared_ptr<UniqueFd> fd_;             // guarded by mutex_; open while in use
+  bool data_exists_ = false;                 // guarded by mutex_; the data file was made
+  uint64_t closed_at_generation_ = 0;        // guarded by mutex_; see close_data_locked()
+  BlockCache* owner_ = nullptr;              // set once, before the file is shared
+  std::list<CacheFile*>::iterator lru_pos_;  // guarded by the owner's lru_mutex_
+  bool in_lru_ = false;                      // guarded by the owner's lru_mutex_
+  uint64_t size_ = 0;                        // guarded by mutex_
+  RangeSet present_;                         // guarded by mutex_
+  RangeSet local_;                           // guarded by mutex_
+  uint64_t generation_ = 0;                  // guarded by mutex_; bumped by every change
+  uint64_t flushed_generation_ = 0;          // written under flush_mutex_ and mutex_
+  std::mutex flush_mutex_;                   // one flush at a time; taken before mutex_
 
   friend class BlockCache;  // flush_all() commits many files' maps as one batch
 };
@@ -130,8 +149,12 @@ class CacheFile {
 class BlockCache {
  public:
   // Creates `dir` (mode 0700) if needed; refuses a dir that others can read.
+  // `max_open_files` bounds the data files kept open (0: a quarter of
+  // RLIMIT_NOFILE's soft limit, between 16 and 4096).
   static std::unique_ptr<BlockCache> open(const std::filesystem::path& dir,
-                                          const std::string& checkpoint_id, Status& status);
+                                          const std::string& checkpoint_id, Status& status,
+                                          size_t max_open_files = 0);
+  ~BlockCache();
 
   // The cache file for `path` (opened on first use, with `source_stat` as
   // CacheFile::open takes it), or null with `status`.
@@ -152,16 +175,32 @@ class BlockCache {
   // each. The first failure is returned; the other files are still flushed.
   Status flush_all();
   const std::filesystem::path& dir() const { return dir_; }
+  size_t max_open_files() const { return max_open_; }
+  // Data files open now (for tests and status).
+  size_t open_files() const;
 
  private:
   // Adds the files it flushed to `flushed`.
   Status flush_batch(std::span<CacheFile* const> files, size_t& flushed);
 
+  friend class CacheFile;
+  // Takes a file CacheFile::open() made into this cache.
+  CacheFile* adopt(std::unique_ptr<CacheFile> f);
+  // With the file's mutex_ held: it opened its data file (closing others'
+  // past the limit), or used it.
+  void opened(CacheFile* f);
+  void used(CacheFile* f);
+  void forget(CacheFile* f);
+
   std::filesystem::path dir_;
+  UniqueFd dir_fd_;  // open for the cache's life: its syncfs reports every write-back error
   std::string checkpoint_id_;
+  size_t max_open_ = 0;
   std::mutex flush_all_mutex_;  // one batched flush at a time; taken before mutex_
   std::mutex mutex_;
   std::unordered_map<std::string, std::unique_ptr<CacheFile>> files_;  // guarded by mutex_
+  mutable std::mutex lru_mutex_;
+  std::list<CacheFile*> lru_;  // guarded by lru_mutex_; files with an open data file, newest first
 };
 
 }  // namespace lazyfs
