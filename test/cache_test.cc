@@ -855,6 +855,98 @@ TEST_CASE("cache: at most max_open_files data files stay open, closed ones reope
   }
 }
 
+TEST_CASE("cache: many files on few descriptors, used from many threads, stay consistent",
+          "[cache]") {
+  ScratchDir dir("cache");
+  Status st;
+  constexpr uint64_t kSize = 16 * 1024;
+  constexpr size_t kFiles = 16;
+  auto cache = BlockCache::open(dir.path() / "c", kCheckpoint, st, 4);
+  REQUIRE(cache);
+  std::vector<CacheFile*> files;
+  for (size_t i = 0; i < kFiles; ++i) {
+    files.push_back(cache->file(fmt::format("/srv/m{}", i), kSize, st));
+    REQUIRE(files.back());
+  }
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::string first_error;
+  auto check = [&](bool ok, const std::string& what) {
+    if (ok) return;
+    std::lock_guard lock(error_mutex);
+    if (first_error.empty()) first_error = what;
+    failed = true;
+  };
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(500 + t);
+      std::vector<uint8_t> buf;
+      for (int i = 0; i < 1500 && !failed; ++i) {
+        CacheFile* f = files[rng() % kFiles];
+        const uint64_t off = rng() % kSize;
+        const uint64_t len = 1 + rng() % 2048;
+        switch (rng() % 5) {
+          case 0:
+          case 1: {
+            const Status s = f->write_fetched(off, fetched(off, len));
+            check(s.ok(), "write_fetched: " + s.message());
+            break;
+          }
+          case 2: {
+            const Status s = f->write_local(off, local(off, len));
+            check(s.ok(), "write_local: " + s.message());
+            break;
+          }
+          case 3: {
+            const Status s = f->flush();
+            check(s.ok(), "flush: " + s.message());
+            break;
+          }
+          default: {
+            const Range r{off, std::min(kSize, off + len)};
+            if (!f->present(r)) break;
+            const SharedFd fd = f->fd();
+            check(fd != nullptr, "fd");
+            if (!fd) break;
+            buf.resize(r.size());
+            const ssize_t n = ::pread(fd->get(), buf.data(), buf.size(), static_cast<off_t>(off));
+            check(n == static_cast<ssize_t>(r.size()), "short pread");
+            for (ssize_t k = 0; k < n; ++k) {
+              const uint64_t o = off + static_cast<uint64_t>(k);
+              const uint8_t b = buf[static_cast<size_t>(k)];
+              check(b == fetched_byte(o) || b == local_byte(o),
+                    fmt::format("read {} at {} of {}", b, o, f->path()));
+            }
+          }
+        }
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    for (int i = 0; i < 30 && !failed; ++i) {
+      const Status s = cache->flush_all();
+      check(s.ok(), "flush_all: " + s.message());
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  for (auto& t : threads) t.join();
+  INFO(first_error);
+  REQUIRE_FALSE(failed);
+  CHECK(cache->open_files() <= 4);
+  require_ok(cache->flush_all());
+  std::vector<std::vector<uint8_t>> claimed;
+  for (auto* f : files) claimed.push_back(claimed_bytes(*f));
+  cache.reset();
+  cache = BlockCache::open(dir.path() / "c", kCheckpoint, st, 4);
+  REQUIRE(cache);
+  for (size_t i = 0; i < kFiles; ++i) {
+    auto* f = cache->file(fmt::format("/srv/m{}", i), kSize, st);
+    REQUIRE(f);
+    CHECK(claimed_bytes(*f) == claimed[i]);
+  }
+}
+
 TEST_CASE("cache: block cache hands out one file per path", "[cache]") {
   ScratchDir scratch("cache");
   auto dir = scratch.path() / "c";

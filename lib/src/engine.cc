@@ -147,7 +147,12 @@ FetchEngine::~FetchEngine() {
   }
   const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
   for (auto& j : abandoned) abandon(j, cancelled);
-  pool_->flush_timer.cancel();
+  {
+    // Under the lock that schedule_flush() arms it under: a timer is not
+    // safe to cancel while another thread sets it.
+    std::lock_guard lock(queue_mutex_);
+    pool_->flush_timer.cancel();
+  }
   {
     std::lock_guard lock(pool_->timers_mutex);
     for (auto& t : pool_->retry_timers) t->cancel();
@@ -838,12 +843,11 @@ void FetchEngine::fail_blocks(File& f, Range range, const Status& status) {
 }
 
 void FetchEngine::schedule_flush() {
-  {
-    // A handler that was already running when shutdown cancelled the timer
-    // must not arm it again, or joining the pool would wait forever.
-    std::lock_guard lock(queue_mutex_);
-    if (stopping_) return;
-  }
+  // A handler that was already running when shutdown cancelled the timer
+  // must not arm it again, or joining the pool would wait forever; and
+  // arming it races with that cancel unless both hold queue_mutex_.
+  std::lock_guard lock(queue_mutex_);
+  if (stopping_) return;
   pool_->flush_timer.expires_after(options_.flush_interval);
   pool_->flush_timer.async_wait([this](const boost::system::error_code& ec) {
     if (ec) return;
