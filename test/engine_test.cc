@@ -1,5 +1,8 @@
 // The fetch engine against a counting fake source: fetch collapse, coalescing,
 // early wake-up, priorities, errors, retries, staleness and restarts.
+#include <fcntl.h>
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -425,6 +428,45 @@ TEST_CASE(
   REQUIRE(part.wait(1));
   CHECK(part.ok_count() == 1);
   CHECK(rig.source->calls().size() == reads + 1);
+}
+
+TEST_CASE("a file changed on the source during the mount goes stale at its next fetch",
+          "[engine]") {
+  ScratchDir dir("engine");
+  const auto root = dir.path() / "src";
+  std::filesystem::create_directories(root);
+  std::vector<uint8_t> bytes(4 * kBlock);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<uint8_t>(pattern_byte(i));
+  lazyfs::test::write_bytes(root / "f", bytes);
+  Status st;
+  std::shared_ptr<Source> source = make_local_source(root.string(), st);
+  REQUIRE(source);
+  auto cache = BlockCache::open(dir.path() / "cache", "checkpoint-a", st);
+  REQUIRE(cache);
+  EngineOptions opts;
+  opts.block_size = kBlock;
+  opts.readahead_max = 0;
+  FetchEngine engine(source, *cache, opts);
+  const auto id = engine.add_file("/f", 4 * kBlock, S_IFREG | 0644);
+  Completions c;
+  engine.request(id, 0, kBlock, Priority::kDemand, c.make());
+  REQUIRE(c.wait(1));
+  REQUIRE(c.ok_count() == 1);
+
+  // Rewritten in place: the same size, a later mtime.
+  struct stat now {};
+  REQUIRE(::stat((root / "f").c_str(), &now) == 0);
+  const timespec times[2] = {{0, UTIME_OMIT}, {now.st_mtime + 60, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, (root / "f").c_str(), times, 0) == 0);
+  engine.request(id, 2 * kBlock, kBlock, Priority::kDemand, c.make());
+  REQUIRE(c.wait(2));
+  CHECK(c.results[1].errnum() == EIO);
+  CHECK_THAT(c.results[1].message(), Catch::Contains("changed on the source"));
+  // Its cached bytes are not served either: they are of the old version.
+  engine.request(id, 0, 10, Priority::kDemand, c.make());
+  REQUIRE(c.wait(3));
+  CHECK(c.results[2].errnum() == EIO);
+  CHECK(engine.file_stat(id).stale);
 }
 
 TEST_CASE("bytes written locally survive a fetch that lands later", "[engine]") {

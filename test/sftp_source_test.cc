@@ -2,6 +2,7 @@
 // byte-exact ranges, stat, the connection pool, host key policies, a server
 // that stops mid-transfer, and no server-side over-read, each with both SSH
 // clients (OpenSSH's ssh as a child process, libssh2). Also the URI parser.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -273,6 +274,75 @@ TEST_CASE("sftp source: stat matches the file and missing files are ENOENT", "[s
   CHECK(source->counters().connects == 1);
 }
 
+TEST_CASE(
+    "sftp source: a range of a file changed since it was checked fails with ESTALE, "
+    "before any byte",
+    "[sftp]") {
+  SshServer server;
+  const auto a = server.dir() / "a";
+  const auto b = server.dir() / "b";
+  const auto bytes_a = make_random_file(a, 300000, 1);
+  make_random_file(b, 5000, 2);
+  auto source = connect(server.options());
+  SourceStat sa, sb;
+  REQUIRE(source->stat(a.string(), sa).ok());
+  REQUIRE(source->stat(b.string(), sb).ok());
+  // b rewritten in place: same size, its mtime a minute later.
+  make_random_file(b, 5000, 3);
+  const timespec times[2] = {{0, UTIME_OMIT}, {sb.mtime + 60, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, b.c_str(), times, 0) == 0);
+
+  struct Got {
+    Status status;
+    std::vector<uint8_t> bytes;
+  };
+  const auto read = [&](const std::vector<std::pair<std::filesystem::path, SourceStat>>& files) {
+    std::vector<Got> got(files.size());
+    std::vector<Source::ReadRange> ranges;
+    for (size_t i = 0; i < files.size(); ++i) {
+      ranges.push_back({files[i].first.string(), 0, files[i].second.size,
+                        [&, i](uint64_t, std::span<const std::byte> data) {
+                          const auto* p = reinterpret_cast<const uint8_t*>(data.data());
+                          got[i].bytes.insert(got[i].bytes.end(), p, p + data.size());
+                        },
+                        files[i].second});
+    }
+    source->read_many(ranges, [&](size_t i, const Status& st) { got[i].status = st; });
+    return got;
+  };
+  SECTION("one range (a kept handle's first read)") {
+    auto got = read({{b, sb}});
+    CHECK(got[0].status.errnum() == ESTALE);
+    CHECK_FALSE(got[0].status.retryable());
+    CHECK_THAT(got[0].status.message(), Catch::Contains("changed on the source") &&
+                                            Catch::Contains(fmt::format("mtime {}", sb.mtime)));
+    CHECK(got[0].bytes.empty());
+    got = read({{a, sa}});
+    CHECK(got[0].status.ok());
+    CHECK(got[0].bytes == bytes_a);
+  }
+  SECTION("pipelined with an unchanged file") {
+    auto got = read({{a, sa}, {b, sb}, {a, sa}});
+    CHECK(got[0].status.ok());
+    CHECK(got[0].bytes == bytes_a);
+    CHECK(got[1].status.errnum() == ESTALE);
+    CHECK(got[1].bytes.empty());
+    CHECK(got[2].status.ok());
+    CHECK(got[2].bytes == bytes_a);
+  }
+  SECTION("a size changed") {
+    SourceStat bigger = sa;
+    bigger.size += 1;
+    auto got = read({{a, bigger}, {a, sa}});
+    CHECK(got[0].status.errnum() == ESTALE);
+    CHECK_THAT(got[0].status.message(), Catch::Contains("size 300001 -> 300000"));
+    CHECK(got[1].status.ok());
+  }
+  // The session stays in step.
+  CHECK(read_range(*source, a.string(), 10, 100).data == expected_slice(bytes_a, 10, 100));
+  CHECK(source->counters().connects == 1);
+}
+
 TEST_CASE("sftp source: read_many pipelines many files on one session", "[sftp]") {
   const auto client = GENERATE(SshClient::kOpenSsh, SshClient::kLibssh2);
   INFO(client_name(client));
@@ -316,7 +386,8 @@ TEST_CASE("sftp source: read_many pipelines many files on one session", "[sftp]"
            const auto* p = reinterpret_cast<const uint8_t*>(data.data());
            got[i].insert(got[i].end(), p, p + data.size());
            next = at + data.size();
-         }});
+         },
+         std::nullopt});
   }
   source->read_many(ranges, [&](size_t i, const Status& st) {
     ++done_count[i];

@@ -680,15 +680,18 @@ void FetchEngine::run_fetches(const std::vector<std::shared_ptr<Job>>& batch) {
     Landing& l = landings[i];
     l.job = batch[i];
     File& f = *l.job->file;
+    SourceStat validated;
     {
       std::lock_guard lock(f.mutex);
       l.cache = f.cache;
+      validated = f.info.source;
     }
     const Range r = l.job->range;
     l.landed = l.woken = r.begin;
     ranges.push_back(
         {f.path, r.begin, r.size(),
-         [this, &l](uint64_t at, std::span<const std::byte> data) { store_chunk(l, at, data); }});
+         [this, &l](uint64_t at, std::span<const std::byte> data) { store_chunk(l, at, data); },
+         validated});
   }
   const auto t0 = Clock::now();
   source_->read_many(ranges, [&](size_t i, const Status& status) {
@@ -748,6 +751,19 @@ void FetchEngine::end_fetch(Landing& l, Status status) {
     std::erase(f.jobs, job);
     --counters_->inflight;
     return;
+  }
+  if (status.errnum() == ESTALE) {
+    // The file changed on the source since it was validated: bytes of the
+    // new version must not join those cached, so it is served no more.
+    std::lock_guard lock(f.mutex);
+    if (f.state != File::State::kStale) {
+      f.state = File::State::kStale;
+      f.stale_status =
+          Status::permanent(EIO, fmt::format("{} is stale on {}: {}; refusing to serve it", f.path,
+                                             source_->describe(), status.message()));
+      log::error("engine", "stale path={} reason=\"{}\"", f.path, status.message());
+    }
+    status = f.stale_status;
   }
   job->range = {l.woken, r.end};
   if (retry_later(job, status)) return;

@@ -40,10 +40,39 @@ class LocalSource final : public Source {
 
   Status read(const std::string& path, uint64_t offset, uint64_t length,
               const ChunkSink& sink) override {
+    return read_checked(path, offset, length, sink, std::nullopt);
+  }
+
+  void read_many(std::span<const ReadRange> ranges, const ReadDone& done) override {
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      const auto& r = ranges[i];
+      done(i, read_checked(r.path, r.offset, r.length, r.sink, r.expect));
+    }
+  }
+
+  unsigned max_concurrency() const override { return kConcurrency; }
+
+ private:
+  // read(), refused with ESTALE if the open file is not the one `expect`
+  // describes.
+  Status read_checked(const std::string& path, uint64_t offset, uint64_t length,
+                      const ChunkSink& sink, const std::optional<SourceStat>& expect) {
     ++counters_.reads;
     auto full = full_path(path);
     UniqueFd fd(::open(full.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) return error(errno, "open", full);
+    if (expect) {
+      struct stat st;
+      if (::fstat(fd.get(), &st) != 0) return error(errno, "fstat", full);
+      SourceStat now;
+      now.mode = st.st_mode;
+      now.size = static_cast<uint64_t>(st.st_size);
+      now.mtime = st.st_mtim.tv_sec;
+      if (auto why = changed_since(*expect, now); !why.empty()) {
+        return Status::permanent(
+            ESTALE, fmt::format("{} changed on the source since it was checked ({})", full, why));
+      }
+    }
     std::vector<std::byte> buf(static_cast<size_t>(std::min<uint64_t>(length, kChunkBytes)));
     while (length > 0) {
       auto want = static_cast<size_t>(std::min<uint64_t>(length, buf.size()));
@@ -62,9 +91,6 @@ class LocalSource final : public Source {
     return {};
   }
 
-  unsigned max_concurrency() const override { return kConcurrency; }
-
- private:
   std::string full_path(const std::string& path) const {
     return root_ == "/" ? path : root_ + path;
   }

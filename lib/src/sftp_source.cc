@@ -65,6 +65,7 @@ constexpr uint8_t kFxpVersion = 2;
 constexpr uint8_t kFxpOpen = 3;
 constexpr uint8_t kFxpClose = 4;
 constexpr uint8_t kFxpRead = 5;
+constexpr uint8_t kFxpFstat = 8;
 constexpr uint8_t kFxpStat = 17;
 constexpr uint8_t kFxpStatus = 101;
 constexpr uint8_t kFxpHandle = 102;
@@ -257,11 +258,13 @@ struct Transfer {
   bool keep = false;  // the session keeps the file open afterwards
   uint32_t open_id = 0;
   std::string handle;
-  std::deque<PendingRead> reads;  // READs not yet handed on, in offset order
-  bool eof = false;               // a READ met the end: ask for nothing further
-  bool past_end = false;          // the front met the end: deliver nothing further
-  Status failure;                 // the server refused the OPEN or a READ
-  uint64_t delivered = 0;         // bytes handed to the sink
+  std::deque<PendingRead> reads;     // READs not yet handed on, in offset order
+  bool eof = false;                  // a READ met the end: ask for nothing further
+  bool past_end = false;             // the front met the end: deliver nothing further
+  Status failure;                    // the server refused the OPEN or a READ
+  uint64_t delivered = 0;            // bytes handed to the sink
+  std::optional<SourceStat> expect;  // checked by an FSTAT right after the OPEN
+  uint32_t fstat_id = 0;             // that FSTAT, while it is unanswered
 };
 
 // One SSH session with one SFTP channel. Not thread-safe: owned by whoever
@@ -289,7 +292,7 @@ class Session {
                    const Source::StatDone& done);
   // `delivered` counts the bytes handed to `sink`, even on failure.
   Status read(const std::string& remote, uint64_t offset, uint64_t length, const ChunkSink& sink,
-              uint64_t& delivered);
+              const std::optional<SourceStat>& expect, uint64_t& delivered);
   // Many ranges, pipelined; `done` runs for each transfer that ends. A
   // non-ok return means the session broke: transfers without `done` are
   // left to the caller.
@@ -547,9 +550,11 @@ uint32_t Session::queue_close(Outgoing& out, const std::string& handle) {
 // no OPEN and CLOSE round trips; moving to another file sends the CLOSE of
 // the old one together with the OPEN of the new.
 Status Session::read(const std::string& remote, uint64_t offset, uint64_t length,
-                     const ChunkSink& sink, uint64_t& delivered) {
+                     const ChunkSink& sink, const std::optional<SourceStat>& expect,
+                     uint64_t& delivered) {
   Transfer t(remote, offset, length, sink);
   t.keep = true;
+  t.expect = expect;
   std::vector<std::string> close_first;
   if (open_path_ == remote && !open_handle_.empty()) {
     t.handle = open_handle_;
@@ -643,7 +648,7 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
           ++reads_in_flight;
         }
         const bool asked_all = t.eof || !t.failure.ok() || t.next >= t.end;
-        if (asked_all && t.reads.empty()) {
+        if (asked_all && t.reads.empty() && t.fstat_id == 0) {
           finish(i);  // removes it from `active`
           continue;
         }
@@ -689,6 +694,28 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
       if (t.keep) {
         open_path_ = t.remote;
         open_handle_ = t.handle;
+      }
+      if (t.expect) {
+        // Ahead of the READs, so its answer comes before their bytes.
+        t.fstat_id = next_id_++;
+        out.begin(kFxpFstat);
+        out.u32(t.fstat_id);
+        out.str(t.handle);
+        out.end();
+        owner[t.fstat_id] = i;
+      }
+      continue;
+    }
+    if (t.fstat_id != 0 && reply.id == t.fstat_id) {
+      t.fstat_id = 0;
+      SourceStat now;
+      // A server that cannot say leaves the read unchecked.
+      if (reply.type == kFxpAttrs && parse_attrs(f, now) && t.failure.ok()) {
+        if (auto why = changed_since(*t.expect, now); !why.empty()) {
+          t.failure = Status::permanent(
+              ESTALE,
+              fmt::format("{} changed on the source since it was checked ({})", t.remote, why));
+        }
       }
       continue;
     }
@@ -802,12 +829,17 @@ class SftpSource final : public Source {
 
   Status read(const std::string& path, uint64_t offset, uint64_t length,
               const ChunkSink& sink) override {
+    return read_one(path, offset, length, sink, std::nullopt);
+  }
+
+  Status read_one(const std::string& path, uint64_t offset, uint64_t length, const ChunkSink& sink,
+                  const std::optional<SourceStat>& expect) {
     counters_.reads.fetch_add(1, std::memory_order_relaxed);
     if (length == 0) return {};
     auto remote = remote_path(path);
     return with_session([&](Session& session, bool& progressed) {
       uint64_t delivered = 0;
-      auto st = session.read(remote, offset, length, sink, delivered);
+      auto st = session.read(remote, offset, length, sink, expect, delivered);
       counters_.bytes_read.fetch_add(delivered, std::memory_order_relaxed);
       progressed = delivered > 0;
       log::debug(kLog, "read path={} off={} len={} got={} errno={}", remote, offset, length,
@@ -819,7 +851,8 @@ class SftpSource final : public Source {
   // Many ranges on one session, pipelined (see Session::run_transfers).
   void read_many(std::span<const ReadRange> ranges, const ReadDone& done) override {
     if (ranges.size() == 1) {
-      done(0, read(ranges[0].path, ranges[0].offset, ranges[0].length, ranges[0].sink));
+      const auto& r = ranges[0];
+      done(0, read_one(r.path, r.offset, r.length, r.sink, r.expect));
       return;
     }
     counters_.reads.fetch_add(ranges.size(), std::memory_order_relaxed);
@@ -831,6 +864,7 @@ class SftpSource final : public Source {
         if (finished[i]) continue;
         transfers.emplace_back(remote_path(ranges[i].path), ranges[i].offset, ranges[i].length,
                                ranges[i].sink);
+        transfers.back().expect = ranges[i].expect;
         index.push_back(i);
       }
       auto result = session.read_many(transfers, [&](size_t k, const Status& status) {

@@ -1,5 +1,9 @@
 #include "lazyfs/source.h"
 
+#include <sys/stat.h>
+
+#include <fmt/core.h>
+
 #include <cerrno>
 #include <cstring>
 
@@ -15,6 +19,15 @@ const char* source_state_name(SourceState state) {
       return "down";
   }
   return "?";
+}
+
+std::string changed_since(const SourceStat& then, const SourceStat& now) {
+  if ((then.mode & S_IFMT) != (now.mode & S_IFMT)) {
+    return fmt::format("type {:o} -> {:o}", then.mode & S_IFMT, now.mode & S_IFMT);
+  }
+  if (then.size != now.size) return fmt::format("size {} -> {}", then.size, now.size);
+  if (then.mtime != now.mtime) return fmt::format("mtime {} -> {}", then.mtime, now.mtime);
+  return {};
 }
 
 Status read_into(Source& source, const std::string& path, uint64_t offset, std::span<std::byte> buf,

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -82,6 +83,11 @@ class Source {
     uint64_t offset = 0;
     uint64_t length = 0;
     ChunkSink sink;
+    // The stat the file was validated with. A source that can check it
+    // cheaply (SFTP: an FSTAT pipelined ahead of the READs; file://) fails
+    // the range with ESTALE, before delivering a byte, if the file's size,
+    // type or mtime (seconds) is no longer that.
+    std::optional<SourceStat> expect;
   };
   using ReadDone = std::function<void(size_t index, const Status&)>;
 
@@ -111,6 +117,10 @@ class Source {
  protected:
   SourceCounters counters_;
 };
+
+// Why a file stat'ed as `now` is not the one validated as `then` (its size,
+// type or mtime changed), or empty if it is.
+std::string changed_since(const SourceStat& then, const SourceStat& now);
 
 // Reads into `buf` (convenience over Source::read); `got` is the bytes read.
 Status read_into(Source& source, const std::string& path, uint64_t offset, std::span<std::byte> buf,
