@@ -203,6 +203,28 @@ TEST_CASE("fill: readers are served ahead of it", "[fill]") {
   CHECK((calls[0].path == "/f0" || calls[0].path == "/f1" || calls[0].path == "/f2"));
 }
 
+TEST_CASE("fill: stays paused while a reader waits, however long its fetch takes", "[fill]") {
+  FillRig rig;
+  rig.source->close_gate();
+  std::atomic<bool> served{false};
+  rig.engine->request(rig.ids[3], 0, 100, Priority::kDemand, [&](const Status& st) {
+    CHECK(st.ok());
+    served = true;
+  });
+  REQUIRE(eventually([&] { return rig.source->calls().size() >= 1; }));
+  CHECK(rig.engine->readers_waiting());
+  BackgroundFill fill(*rig.engine, {});
+  // Past yield_after (250 ms) with no new miss, short of the fill's one
+  // request a second: the reader still waits, so the fill sends nothing.
+  std::this_thread::sleep_for(500ms);
+  CHECK(rig.source->calls().size() == 1);
+  rig.source->open_gate();
+  REQUIRE(eventually([&] { return served.load(); }));
+  CHECK_FALSE(rig.engine->readers_waiting());
+  REQUIRE(eventually([&] { return fill.progress().state == FillState::kComplete; }));
+  CHECK(rig.present() == rig.total());
+}
+
 // A demand read on a slow source, timed alone and during a fill. Only the
 // order is asserted (the reader's request reaches the source next, however
 // much fill work is queued); the two latencies are reported, not checked:

@@ -79,6 +79,7 @@ struct FetchEngine::Counters {
   std::atomic<uint64_t> cache_hits{0};
   std::atomic<uint64_t> demand_misses{0};
   std::atomic<int64_t> last_demand_miss_ns{0};  // steady_clock, since its epoch
+  std::atomic<int64_t> readers_waiting{0};      // parked demand completions
   std::atomic<uint64_t> inflight{0};
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> errors{0};
@@ -180,7 +181,7 @@ CacheFile* FetchEngine::cache_file(FileId id) {
   return f.cache;
 }
 
-void FetchEngine::file_info(FileId id, InfoCompletion done) {
+void FetchEngine::file_info(FileId id, InfoCompletion done, Priority priority) {
   File& f = *files_.at(id);
   std::unique_lock lock(f.mutex);
   switch (f.state) {
@@ -197,12 +198,12 @@ void FetchEngine::file_info(FileId id, InfoCompletion done) {
       return;
     }
     case File::State::kUnknown:
-      f.info_waiters.push_back(std::move(done));
+      f.info_waiters.push_back(parked(priority, std::move(done)));
       start_validation(f);  // sets kValidating
       return;
     case File::State::kValidating: {
-      f.info_waiters.push_back(std::move(done));
-      auto raised = hasten_validation_locked(f, Priority::kDemand);
+      f.info_waiters.push_back(parked(priority, std::move(done)));
+      auto raised = hasten_validation_locked(f, priority);
       lock.unlock();
       if (raised) enqueue(std::move(raised));
       return;
@@ -421,6 +422,8 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
     case File::State::kUnknown:
     case File::State::kValidating: {
       const bool first = f.state == File::State::kUnknown;
+      // A reader waiting for a validation is as good as missing.
+      done = parked(priority, std::move(done));
       // Run once validation ends: served if it succeeded, failed if not.
       f.pending.push_back([this, &f, offset, length, priority, done](Jobs& later) mutable {
         std::unique_lock l(f.mutex);
@@ -463,20 +466,14 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
       if (f.cache->present(want)) {
         hit = true;
       } else if (done) {
-        f.waiters.push_back({want, std::move(done)});
+        f.waiters.push_back({want, parked(priority, std::move(done))});
       }
       if (!hit) {
         plan_fetches_locked(f, want, priority, jobs);
         if (priority == Priority::kDemand) ++counters_->demand_misses;
         // A reader that needs a fetch nobody had started: background work
         // gives way. One that waits for bytes already on their way does not.
-        if (priority == Priority::kDemand && jobs.size() > planned) {
-          counters_->last_demand_miss_ns.store(
-              std::chrono::duration_cast<std::chrono::nanoseconds>(
-                  std::chrono::steady_clock::now().time_since_epoch())
-                  .count(),
-              std::memory_order_relaxed);
-        }
+        if (priority == Priority::kDemand && jobs.size() > planned) note_reader_waiting();
       }
       if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
     }
@@ -884,6 +881,30 @@ void FetchEngine::record_latency(Clock::duration d) {
   counters_->latency_sum_s += s;
   counters_->latency_max_s = std::max(counters_->latency_max_s, s);
   ++counters_->latency_ms_log2[bucket];
+}
+
+// A reader's completion that has to wait: background work gives way to
+// readers while any waits (and for a while after a miss).
+template <typename Done>
+Done FetchEngine::parked(Priority priority, Done done) {
+  if (priority != Priority::kDemand || !done) return done;
+  ++counters_->readers_waiting;
+  return [c = counters_.get(), done = std::move(done)](const auto&... args) {
+    --c->readers_waiting;
+    done(args...);
+  };
+}
+
+bool FetchEngine::readers_waiting() const {
+  return counters_->readers_waiting.load(std::memory_order_relaxed) > 0;
+}
+
+// Background work gives way to readers for a while after this.
+void FetchEngine::note_reader_waiting() {
+  counters_->last_demand_miss_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                           std::chrono::steady_clock::now().time_since_epoch())
+                                           .count(),
+                                       std::memory_order_relaxed);
 }
 
 std::chrono::steady_clock::time_point FetchEngine::last_demand_miss() const {

@@ -10,6 +10,9 @@ namespace lazyfs {
 
 using Clock = std::chrono::steady_clock;
 
+// How often a paused fill looks again while a reader waits.
+constexpr auto kRecheck = std::chrono::milliseconds(10);
+
 const char* fill_state_name(FillState state) {
   switch (state) {
     case FillState::kRunning:
@@ -171,13 +174,16 @@ bool BackgroundFill::validate(FetchEngine::FileId id, FileInfo& out) {
   std::condition_variable cv;
   bool done = false;
   Status status;
-  engine_.file_info(id, [&](const Status& st, const FileInfo& info) {
-    std::lock_guard lock(m);
-    status = st;
-    out = info;
-    done = true;
-    cv.notify_all();
-  });
+  engine_.file_info(
+      id,
+      [&](const Status& st, const FileInfo& info) {
+        std::lock_guard lock(m);
+        status = st;
+        out = info;
+        done = true;
+        cv.notify_all();
+      },
+      Priority::kBackground);
   {
     std::unique_lock lock(m);
     cv.wait(lock, [&] { return done; });
@@ -219,16 +225,20 @@ bool BackgroundFill::pause_for_readers() {
   const auto limit = last_issue_ + kMaxPause;
   std::unique_lock lock(mutex_);
   while (!stop_ && progress_.state == FillState::kRunning && Clock::now() < limit) {
-    const auto quiet_at = std::max(engine_.last_demand_miss(), started_) + options_.yield_after;
+    auto quiet_at = std::max(engine_.last_demand_miss(), started_) + options_.yield_after;
+    // A reader still waiting (for a fetch or a validation) is checked on.
+    if (engine_.readers_waiting()) quiet_at = std::max(quiet_at, Clock::now() + kRecheck);
     if (Clock::now() >= quiet_at) break;
     cv_.wait_until(lock, std::min(quiet_at, limit));
   }
   return !stop_ && progress_.state == FillState::kRunning;
 }
 
-// A restore starts reading right after the mount: the fill's first
-// yield_after counts as a time when readers are missing.
+// Readers are missing while one waits for a fetch or a validation, and for
+// yield_after after one had to start a fetch. A restore starts reading right
+// after the mount: the fill's first yield_after counts as such a time.
 bool BackgroundFill::readers_missing() const {
+  if (engine_.readers_waiting()) return true;
   const auto since = std::max(engine_.last_demand_miss(), started_);
   return Clock::now() - since < options_.yield_after;
 }

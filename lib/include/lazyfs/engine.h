@@ -125,7 +125,9 @@ class FetchEngine {
 
   // Validates the file against the source (once; later calls answer from
   // memory). `done` runs on a worker thread, or on this one if already known.
-  void file_info(FileId file, InfoCompletion done);
+  // A reader that has to wait (`priority` kDemand) makes background work
+  // give way, as a demand miss does.
+  void file_info(FileId file, InfoCompletion done, Priority priority = Priority::kDemand);
 
   // Calls `done` once every byte of [offset, offset + length) (clipped to the
   // file's size) is in the cache, or with the error that stopped it. Runs on
@@ -162,6 +164,8 @@ class FetchEngine {
   // readers are missing. Waiting for bytes already being fetched does not
   // count here (it does in EngineStats::demand_misses).
   std::chrono::steady_clock::time_point last_demand_miss() const;
+  // Whether a reader is waiting right now (for a fetch or a validation).
+  bool readers_waiting() const;
   std::vector<FileStats> file_stats() const;
   FileStats file_stat(FileId file) const;
   // Makes every byte in the cache durable and recorded in its map now, on
@@ -188,6 +192,9 @@ class FetchEngine {
   };
   void on_validated(File& f, const Status& status, const SourceStat& st, Validated& out);
   bool validate_locally(File& f, Validated& out);
+  void note_reader_waiting();
+  template <typename Done>
+  Done parked(Priority priority, Done done);
   void release(Validated& v);
   void request_into(FileId file, uint64_t offset, uint64_t length, Priority priority,
                     Completion done, std::vector<std::shared_ptr<Job>>& jobs);

@@ -5,9 +5,10 @@
 // ranges. Files named by a trace come first, in its order. The engine keeps
 // one worker free of background work for readers; the fill bounds its own
 // requests and bytes in flight, and can cap its bandwidth.
-// While readers are missing (a demand read had to start a fetch in the last
-// `yield_after` ms, or the fill started less than that long ago: a restore
-// reads right after the mount) it gives way: it pauses until readers have
+// While readers are missing (one waits for a fetch or a validation, or one
+// had to start a fetch in the last `yield_after` ms, or the fill started
+// less than that long ago: a restore reads right after the mount) it gives
+// way: it pauses until readers have
 // been quiet that long, but sends at least one request (a small file, or a
 // block of a large one) a second, so that its transfers do not queue ahead
 // of theirs on the link or take their CPU, and a steady reader cannot starve
