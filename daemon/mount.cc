@@ -131,10 +131,13 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   if (!source && st.errnum() != EINVAL && cache_holds_all(fo.cache_dir, catalog)) {
     // Released after a completed fill, say: the cache is the whole copy.
     unreachable = st;
-    fmt::print(stderr,
-               "lazyfs: {}; every file is wholly in the cache, serving them without the "
-               "source\n",
-               st.message());
+    // Detached, the log (below) goes to a file: the terminal hears it here.
+    if (!options.foreground) {
+      fmt::print(stderr,
+                 "lazyfs: {}; every file is wholly in the cache, serving them without the "
+                 "source\n",
+                 st.message());
+    }
     source = make_unreachable_source(options.source, st);
   }
   if (!source) {
