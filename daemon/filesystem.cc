@@ -377,6 +377,11 @@ void Filesystem::Impl::unmount() {
   extras.fill = nullptr;
   fill.reset();
   if (trace_timer.joinable()) trace_timer.join();
+  // Every parked request is answered, and no engine thread is left to
+  // answer one, before the unmount closes the FUSE descriptor: a reply
+  // written after that would race the close, or land in whatever file
+  // reused the descriptor's number.
+  engine->stop();
   fuse_session_unmount(se);
   log::info("mount", "unmounted mountpoint={}", mountpoint.string());
 }

@@ -135,9 +135,15 @@ FetchEngine::FetchEngine(std::shared_ptr<Source> source, BlockCache& cache, Engi
 }
 
 FetchEngine::~FetchEngine() {
+  stop();
+}
+
+void FetchEngine::stop() {
+  std::lock_guard stop_lock(stop_mutex_);
   std::vector<std::shared_ptr<Job>> abandoned;
   {
     std::lock_guard lock(queue_mutex_);
+    if (stopping_) return;
     stopping_ = true;
     for (auto& q : queues_) {
       for (auto& j : q) {

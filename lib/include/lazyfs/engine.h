@@ -109,6 +109,12 @@ class FetchEngine {
   // Fails what is still queued (ECANCELED), waits for running source
   // requests (bounded by the source's time-outs), flushes the cache.
   ~FetchEngine();
+
+  // Fails what is queued (ECANCELED), waits for the running requests and
+  // their completions, and flushes the cache; later requests fail at once.
+  // Once it returns no completion runs any more. Idempotent; the destructor
+  // calls it.
+  void stop();
   FetchEngine(const FetchEngine&) = delete;
   FetchEngine& operator=(const FetchEngine&) = delete;
 
@@ -224,6 +230,7 @@ class FetchEngine {
   EngineOptions options_;
   std::vector<std::unique_ptr<File>> files_;
 
+  std::mutex stop_mutex_;  // one stop() at a time; taken before queue_mutex_
   mutable std::mutex queue_mutex_;
   std::array<std::deque<std::shared_ptr<Job>>, kPriorityCount> queues_;  // guarded
   bool stopping_ = false;                                                // guarded
