@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -138,6 +139,39 @@ TEST_CASE("the mount outlives its source: EIO after the budget, cached bytes sti
   CHECK(pread_bytes(fd, 50 * kBlock, 4096, err) == source_bytes(kBig, 50 * kBlock, 4096));
   CHECK(err == 0);
   ::close(fd);
+}
+
+TEST_CASE("a file rewritten on the source during the mount is refused, never served mixed",
+          "[mount][sftp]") {
+  SftpRig rig;
+  // O_DIRECT: every read reaches lazyfs, none is answered from the page cache.
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY | O_DIRECT);
+  REQUIRE(fd >= 0);
+  int err = 0;
+  CHECK(pread_bytes(fd, 0, 4096, err) == source_bytes(kBig, 0, 4096));
+  CHECK(pread_bytes(fd, 8 * kBlock, 4096, err) == source_bytes(kBig, 8 * kBlock, 4096));
+
+  // Rewritten in place: the same size, other bytes, a later mtime.
+  const auto src = std::filesystem::path(rig.source.string() + kBig);
+  struct stat st {};
+  REQUIRE(::stat(src.c_str(), &st) == 0);
+  write_bytes(src, std::vector<uint8_t>(static_cast<size_t>(st.st_size), 0x5a));
+  const timespec times[2] = {{0, UTIME_OMIT}, {st.st_mtime + 60, 0}};
+  REQUIRE(::utimensat(AT_FDCWD, src.c_str(), times, 0) == 0);
+
+  // The next fetch finds the change (on whichever session it runs, with
+  // the file's handle kept open or not) and the file is served no more.
+  CHECK(pread_bytes(fd, 50 * kBlock, 4096, err).empty());
+  CHECK(err == EIO);
+  CHECK(pread_bytes(fd, 0, 4096, err).empty());  // cached, of the old version
+  CHECK(err == EIO);
+  ::close(fd);
+  const auto status = rig.mount->status();
+  bool stale = false;
+  for (const auto& f : status["files"]) {
+    if (f["path"] == kBig) stale = f["stale"].get<bool>();
+  }
+  CHECK(stale);
 }
 
 namespace {

@@ -263,8 +263,9 @@ struct Transfer {
   bool past_end = false;             // the front met the end: deliver nothing further
   Status failure;                    // the server refused the OPEN or a READ
   uint64_t delivered = 0;            // bytes handed to the sink
-  std::optional<SourceStat> expect;  // checked by an FSTAT right after the OPEN
-  uint32_t fstat_id = 0;             // that FSTAT, while it is unanswered
+  std::optional<SourceStat> expect;  // checked by an FSTAT ahead of the READs
+  bool checked = false;              // that FSTAT was sent
+  uint32_t fstat_id = 0;             // and is unanswered
 };
 
 // One SSH session with one SFTP channel. Not thread-safe: owned by whoever
@@ -636,6 +637,17 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
       const size_t i = active[k];
       Transfer& t = ts[i];
       if (t.step == Transfer::Step::kReading) {
+        if (t.expect && !t.checked) {
+          // Ahead of the READs (also on a handle kept open), so its answer
+          // comes before their bytes.
+          t.checked = true;
+          t.fstat_id = next_id_++;
+          out.begin(kFxpFstat);
+          out.u32(t.fstat_id);
+          out.str(t.handle);
+          out.end();
+          owner[t.fstat_id] = i;
+        }
         while (!t.eof && t.failure.ok() && t.next < t.end && reads_in_flight < kReadsInFlight) {
           PendingRead p;
           p.id = next_id_++;
@@ -694,15 +706,6 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
       if (t.keep) {
         open_path_ = t.remote;
         open_handle_ = t.handle;
-      }
-      if (t.expect) {
-        // Ahead of the READs, so its answer comes before their bytes.
-        t.fstat_id = next_id_++;
-        out.begin(kFxpFstat);
-        out.u32(t.fstat_id);
-        out.str(t.handle);
-        out.end();
-        owner[t.fstat_id] = i;
       }
       continue;
     }
