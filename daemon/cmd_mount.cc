@@ -64,6 +64,17 @@ bool redirect_stdio(const std::filesystem::path& log_file) {
   return true;
 }
 
+// Creates the missing directories above `file`, each private (0700): the
+// default log file lives in the cache directory, which must be.
+bool make_private_parents(const std::filesystem::path& file) {
+  std::filesystem::path partial;
+  for (const auto& part : file.parent_path()) {
+    partial /= part;
+    if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST) return false;
+  }
+  return true;
+}
+
 int mount_command(MountCli& cli) {
   auto& o = cli.opts;
   if (!parse_size(cli.block_size, o.block_size) || o.block_size < 4096 ||
@@ -199,14 +210,30 @@ int mount_command(MountCli& cli) {
   ::close(pipefd[0]);
   ::setsid();
   int report_fd = pipefd[1];
+  auto report_failure = [&](std::string msg) {
+    msg = "1 " + msg;
+    (void)!::write(report_fd, msg.data(), msg.size());
+    ::_exit(kExitFailure);
+  };
+  // The log file has every line from the start; until the mount serves,
+  // warnings and errors also reach the terminal, and then stdout and stderr
+  // become the log.
   const auto log_file = o.log_file.empty() ? o.cache_dir / "lazyfs.log" : o.log_file;
+  if (!make_private_parents(log_file)) report_failure("cannot open log file " + log_file.string());
+  const int log_fd = ::open(log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (log_fd < 0) report_failure("cannot open log file " + log_file.string());
+  log::set_sink([log_fd](log::Level lvl, std::string_view subsystem, std::string_view message) {
+    const auto line = log::format_line(lvl, subsystem, message);
+    (void)!::write(log_fd, line.data(), line.size());
+    if (lvl >= log::Level::kWarn) std::fwrite(line.data(), 1, line.size(), stderr);
+  });
   auto report = [&](const Status& st) {
     std::string msg =
         st.ok() ? "ok" : fmt::format("{} {}", st.errnum() == EINVAL ? '2' : '1', st.message());
     if (st.ok()) {
-      std::error_code ec;
-      std::filesystem::create_directories(log_file.parent_path(), ec);
       if (!redirect_stdio(log_file)) msg = "1 cannot open log file " + log_file.string();
+      log::set_sink({});  // stderr, now the log; no line is being written to log_fd
+      ::close(log_fd);
     }
     (void)!::write(report_fd, msg.data(), msg.size());
     ::close(report_fd);

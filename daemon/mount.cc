@@ -2,6 +2,7 @@
 
 #include <pwd.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -121,8 +122,26 @@ bool cache_holds_all(const std::filesystem::path& dir, const Catalog& catalog) {
   });
 }
 
+namespace {
+
+// Raises the soft limit on open files to the hard one, as daemons that hold
+// many files do: the default soft limit (1,024) is kept low for programs
+// that still use select(), which lazyfs does not. The cache keeps a quarter
+// of the limit open; each file created in the mount holds one descriptor.
+void raise_open_file_limit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
+  const rlim_t old = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max;
+  if (::setrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  log::debug("mount", "open file limit raised from={} to={}", old, rl.rlim_cur);
+}
+
+}  // namespace
+
 int run_mount(const MountOptions& options, const Catalog& catalog,
               const std::function<void(const Status&)>& ready) {
+  raise_open_file_limit();
   FilesystemOptions fo;
   fo.cache_dir = options.cache_dir.empty() ? default_cache_dir() : options.cache_dir;
   Status st;

@@ -1,7 +1,6 @@
 // The fill and traces on real mounts: `status --wait`, a source that stops
 // half way, a restart that resumes, and a recorded trace prefetched next time.
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -176,21 +175,11 @@ TEST_CASE("a fill of more files than the daemon may have open completes", "[moun
     std::filesystem::create_directories(p.parent_path());
     write_bytes(p, source_bytes(f.path, 0, *f.size));
   }
-  rlimit old{};
-  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
-  rlimit low = old;
-  low.rlim_cur = 128;
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
-  std::unique_ptr<LazyfsMount> mount;
-  try {
-    mount = std::make_unique<LazyfsMount>(
-        dir.path() / "mnt", dir.path() / "images", "file://" + source.string(),
-        std::vector<std::string>{"--cache-dir", (dir.path() / "cache").string(), "--fill"});
-  } catch (...) {
-    ::setrlimit(RLIMIT_NOFILE, &old);
-    throw;
-  }
-  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  // The daemon raises its soft limit to the hard one: prlimit(1) lowers both.
+  auto mount = std::make_unique<LazyfsMount>(
+      dir.path() / "mnt", dir.path() / "images", "file://" + source.string(),
+      std::vector<std::string>{"--cache-dir", (dir.path() / "cache").string(), "--fill"},
+      std::vector<std::string>{"prlimit", "--nofile=128:128", "--"});
   auto r = run_lazyfs({"status", "--wait", mount->mountpoint().string()});
   INFO(r.err);
   REQUIRE(r.status == 0);

@@ -86,7 +86,8 @@ std::vector<uint8_t> read_file(const std::filesystem::path& file) {
 
 LazyfsMount::LazyfsMount(const std::filesystem::path& mountpoint,
                          const std::filesystem::path& image_dir, const std::string& source,
-                         const std::vector<std::string>& extra)
+                         const std::vector<std::string>& extra,
+                         const std::vector<std::string>& launcher)
     : mountpoint_(mountpoint) {
   // The detached daemon's parent exits; as subreaper this process inherits
   // and reaps it, so a stopped daemon never lingers as a zombie.
@@ -98,7 +99,15 @@ LazyfsMount::LazyfsMount(const std::filesystem::path& mountpoint,
   args.push_back(mountpoint.string());
   args.push_back(image_dir.string());
   args.push_back(source);
-  auto r = run_lazyfs(args);
+  CommandResult r;
+  if (launcher.empty()) {
+    r = run_lazyfs(args);
+  } else {
+    std::vector<std::string> full(launcher.begin() + 1, launcher.end());
+    full.push_back(std::string(LAZYFS_BIN_DIR) + "/lazyfs");
+    full.insert(full.end(), args.begin(), args.end());
+    r = run_program(launcher[0], full);
+  }
   if (r.status != 0) {
     throw std::runtime_error("lazyfs mount failed (" + std::to_string(r.status) + "): " + r.err);
   }

@@ -30,10 +30,13 @@ std::vector<uint8_t> file_bytes(const CatalogFile& f);
 // A running `lazyfs mount`, stopped (SIGTERM, then waited for) on destruction.
 class LazyfsMount {
  public:
-  // Runs `lazyfs mount [extra...] MOUNTPOINT IMGDIR SOURCE` detached; the
-  // mount serves when this returns. Throws with the command's stderr if not.
+  // Runs `lazyfs mount [extra...] MOUNTPOINT IMGDIR SOURCE` detached, through
+  // `launcher` if given (a program and its arguments, lazyfs's path then
+  // following); the mount serves when this returns. Throws with the
+  // command's stderr if not.
   LazyfsMount(const std::filesystem::path& mountpoint, const std::filesystem::path& image_dir,
-              const std::string& source, const std::vector<std::string>& extra);
+              const std::string& source, const std::vector<std::string>& extra,
+              const std::vector<std::string>& launcher = {});
   ~LazyfsMount();
   LazyfsMount(const LazyfsMount&) = delete;
   LazyfsMount& operator=(const LazyfsMount&) = delete;

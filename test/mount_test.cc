@@ -9,8 +9,13 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <fmt/core.h>
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <csignal>
+#include <cstring>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <thread>
 
@@ -375,12 +380,83 @@ TEST_CASE("the daemon's --log-file lines carry millisecond times", "[mount]") {
   std::ifstream in(log);
   std::string line;
   size_t lines = 0;
+  bool mounted = false;
   while (std::getline(in, line)) {
     ++lines;
+    // Start-up lines too, logged before the detached daemon's stderr
+    // became the log file.
+    mounted = mounted || line.find(" info mount: mounted ") != std::string::npos;
     // 2026-11-26T13:07:23.701 info mount: unmounted ...
     CHECK_THAT(
         line,
         Catch::Matches(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (debug|info|warn|error) \S+: .+)"));
   }
-  CHECK(lines >= 1);
+  CHECK(lines >= 2);
+  CHECK(mounted);
+}
+
+TEST_CASE("a detached mount logs from its start, and warnings reach the terminal too", "[mount]") {
+  ScratchDir dir("logstart");
+  const auto images = dir.path() / "images";
+  const auto source = dir.path() / "source";
+  const auto mnt = dir.path() / "mnt";
+  // The default log file, in a cache directory that does not exist yet and
+  // must still come out private.
+  const auto cache = dir.path() / "new" / "cache";
+  copy_fixture(images);
+  populate_source(Catalog::load(images), source);
+  const auto trace = dir.path() / "app.trace";
+  std::ofstream(trace) << "lazyfs-trace 1\n0 4096 /not/in/the/checkpoint\n0 4096 " << kBig << "\n";
+  std::filesystem::create_directories(mnt);
+  auto r = run_lazyfs({"mount", "--cache-dir", cache.string(), "--prefetch", trace.string(),
+                       mnt.string(), images.string(), "file://" + source.string()});
+  REQUIRE(r.status == 0);
+  auto st = nlohmann::json::parse(run_lazyfs({"status", "--json", mnt.string()}).out);
+  const auto pid = st["pid"].get<pid_t>();
+  // The one warning, and no info lines.
+  CHECK_THAT(r.err, Catch::Contains("warn prefetch: skipping path=/not/in/the/checkpoint"));
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  CHECK(read_file(mnt.string() + kBig).size() > 0);
+  ::kill(pid, SIGTERM);
+  for (int i = 0; i < 200 && (::kill(pid, 0) == 0 || is_mounted(mnt)); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK_FALSE(is_mounted(mnt));
+  struct stat cst;
+  REQUIRE(::stat(cache.c_str(), &cst) == 0);
+  CHECK((cst.st_mode & 0777) == 0700);
+  std::ifstream in(cache / "lazyfs.log");
+  const std::string log{std::istreambuf_iterator<char>(in), {}};
+  CHECK_THAT(log, Catch::Contains("warn prefetch: skipping path=/not/in/the/checkpoint"));
+  CHECK_THAT(log, Catch::Contains("info mount: mounted "));
+  CHECK_THAT(log, Catch::Contains("info mount: unmounted "));
+}
+
+TEST_CASE("the daemon raises its open-file limit: files made in the mount each hold one",
+          "[mount]") {
+  ScratchDir dir("manymade");
+  const auto images = dir.path() / "images";
+  const auto source = dir.path() / "source";
+  copy_fixture(images);
+  populate_source(Catalog::load(images), source);
+  // Soft limit 128, hard 4096: 300 files made in the mount need the daemon
+  // to raise its soft limit.
+  LazyfsMount mount(dir.path() / "mnt", images, "file://" + source.string(),
+                    {"--cache-dir", (dir.path() / "cache").string()},
+                    {"prlimit", "--nofile=128:4096", "--"});
+  const auto work = mount.at("/srv/lazyfs-fixture-a/work");
+  for (int i = 0; i < 300; ++i) {
+    const auto path = fmt::format("{}/made-{:03}.txt", work.string(), i);
+    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_EXCL, 0644);
+    INFO(path << ": " << std::strerror(errno));
+    REQUIRE(fd >= 0);
+    const auto text = std::to_string(i);
+    CHECK(::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+    ::close(fd);
+  }
+  for (int i = 0; i < 300; i += 37) {
+    const auto bytes = read_file(fmt::format("{}/made-{:03}.txt", work.string(), i));
+    CHECK(std::string(bytes.begin(), bytes.end()) == std::to_string(i));
+  }
+  CHECK(mount.status()["errors"] == 0);
 }

@@ -68,7 +68,7 @@ CommandResult run_program(const std::string& program, const std::vector<std::str
         !std::freopen(err_path.c_str(), "w", stderr)) {
       ::_exit(127);
     }
-    ::execv(argv[0], argv.data());
+    ::execvp(argv[0], argv.data());
     ::_exit(127);
   }
   int status = 0;

@@ -35,7 +35,8 @@ struct CommandResult {
   std::string out;
   std::string err;
 };
-// Runs `program` with `args`, capturing stdout and stderr.
+// Runs `program` (looked up in PATH if it has no slash) with `args`,
+// capturing stdout and stderr.
 CommandResult run_program(const std::string& program, const std::vector<std::string>& args);
 // Runs build/bin/lazyfs with `args`.
 CommandResult run_lazyfs(const std::vector<std::string>& args);

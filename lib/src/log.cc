@@ -15,11 +15,7 @@ std::mutex g_sink_mutex;
 Sink g_sink;  // guarded by g_sink_mutex; empty means stderr
 
 void write_stderr(Level lvl, std::string_view subsystem, std::string_view message) {
-  const auto now = std::chrono::system_clock::now();
-  const auto seconds = std::chrono::floor<std::chrono::seconds>(now);
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - seconds).count();
-  auto line = fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03} {} {}: {}\n", seconds, ms, level_name(lvl),
-                          subsystem, message);
+  const auto line = format_line(lvl, subsystem, message);
   // One fwrite per line keeps lines from different threads whole.
   std::fwrite(line.data(), 1, line.size(), stderr);
 }
@@ -52,6 +48,14 @@ std::string_view level_name(Level level) {
       return "off";
   }
   return "?";
+}
+
+std::string format_line(Level lvl, std::string_view subsystem, std::string_view message) {
+  const auto now = std::chrono::system_clock::now();
+  const auto seconds = std::chrono::floor<std::chrono::seconds>(now);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - seconds).count();
+  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03} {} {}: {}\n", seconds, ms, level_name(lvl),
+                     subsystem, message);
 }
 
 std::optional<Level> parse_level(std::string_view name) {
