@@ -58,6 +58,7 @@ struct Options {
   bool keep = false;
   bool verbose = false;
   std::vector<std::string> lazyfs_options;
+  std::string sftp_server = "external";
 };
 
 std::string gib(uint64_t bytes) {
@@ -241,7 +242,9 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
 
     // The link, the server, the relay.
     lb::NetnsLink link;
-    lb::SshServer ssh(scratch / "ssh", link);
+    lb::SshServer ssh(
+        scratch / "ssh", link,
+        o.sftp_server == "internal" ? "internal-sftp" : "/usr/lib/openssh/sftp-server");
     lb::DelayRelay relay(link.inner_address(), 22);
     ssh.trust_at(relay.port());
     lb::BenchContext ctx{scratch, source_root, bin_dir, &ssh, &relay, o.verbose, o.lazyfs_options};
@@ -316,7 +319,8 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
                      {"links", link_list},
                      {"methods", method_list},
                      {"scenarios", scenario_list},
-                     {"lazyfs_options", o.lazyfs_options}};
+                     {"lazyfs_options", o.lazyfs_options},
+                     {"sftp_server", o.sftp_server}};
     nlohmann::json links = nlohmann::json::array();
     for (const auto& l : link_specs()) {
       if (std::find(link_list.begin(), link_list.end(), l.name) == link_list.end()) continue;
@@ -397,6 +401,11 @@ int main(int argc, char** argv) {
       "--lazyfs-option", o.lazyfs_options,
       "Give every `lazyfs mount` this option too, e.g. --lazyfs-option=--fill-alongside=4M "
       "(repeatable; write it with '=')");
+  app.add_option("--sftp-server", o.sftp_server,
+                 "How the source's sshd serves SFTP: external (Debian's default: "
+                 "/usr/lib/openssh/sftp-server, started through the login shell, which runs "
+                 "its rc files for every session) or internal (internal-sftp, no shell)")
+      ->check(CLI::IsMember({"external", "internal"}));
   CLI11_PARSE(app, argc, argv);
   if (o.quick) {
     if (!scale_set) o.scale = 0.01;

@@ -57,7 +57,8 @@ bool accepts(const std::string& addr, uint16_t port) {
 
 }  // namespace
 
-SshServer::SshServer(const fs::path& dir, NetnsLink& link) : dir_(dir), link_(link) {
+SshServer::SshServer(const fs::path& dir, NetnsLink& link, const std::string& sftp_server)
+    : dir_(dir), link_(link) {
   fs::create_directories(dir_);
   for (const auto* type : {"ed25519", "ecdsa"}) {
     run_checked({"ssh-keygen", "-q", "-t", type, "-N", "", "-C", "lazyfs-bench", "-f",
@@ -70,8 +71,7 @@ SshServer::SshServer(const fs::path& dir, NetnsLink& link) : dir_(dir), link_(li
   known_hosts_ = dir_ / "known_hosts";
   log_ = dir_ / "sshd.log";
   const auto config = dir_ / "sshd_config";
-  write_text(config,
-             fmt::format(R"(ListenAddress {addr}
+  write_text(config, fmt::format(R"(ListenAddress {addr}
 Port 22
 HostKey {dir}/host_ed25519
 HostKey {dir}/host_ecdsa
@@ -91,9 +91,10 @@ AllowTcpForwarding no
 MaxStartups 100
 MaxSessions 64
 LogLevel INFO
-Subsystem sftp /usr/lib/openssh/sftp-server
+Subsystem sftp {sftp}
 )",
-                         fmt::arg("addr", link.inner_address()), fmt::arg("dir", dir_.string())));
+                                 fmt::arg("addr", link.inner_address()),
+                                 fmt::arg("dir", dir_.string()), fmt::arg("sftp", sftp_server)));
 
   // sshd's privilege separation directory; removed again if we made it.
   if (!fs::exists("/run/sshd")) {

@@ -19,8 +19,10 @@ class NetnsLink;
 class SshServer {
  public:
   // Generates keys and config in `dir` (created) and starts sshd in `link`'s
-  // namespace; throws if it does not come up.
-  SshServer(const std::filesystem::path& dir, NetnsLink& link);
+  // namespace; throws if it does not come up. SFTP sessions run
+  // `sftp_server`: a program's path, started (as sshd does) through the
+  // user's login shell, or "internal-sftp", inside sshd without a shell.
+  SshServer(const std::filesystem::path& dir, NetnsLink& link, const std::string& sftp_server);
   ~SshServer();
   SshServer(const SshServer&) = delete;
   SshServer& operator=(const SshServer&) = delete;
