@@ -643,6 +643,37 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "without a trace too, validations wait behind readers' fetches, and a reader waiting "
+    "for one moves its batch ahead",
+    "[engine]") {
+  HeldRig h;
+  Rig& rig = h.rig;
+  const auto ids = add_many(rig, 600);
+  // Three batches: /many/0-199, 200-399, 400-599.
+  rig.engine->validate_all();
+  Completions c;
+  rig.engine->request(rig.file, 8 * kBlock, kBlock, Priority::kDemand, c.make());
+  auto info = c.make();
+  rig.engine->file_info(ids[599], [&](const Status& st, const FileInfo&) { info(st); });
+  rig.source->open_gate();
+  REQUIRE(h.held.wait(1));
+  REQUIRE(c.wait(2));
+  CHECK(c.ok_count() == 2);
+  Completions all;
+  for (auto id : ids) {
+    rig.engine->file_info(id, [&](const Status& st, const FileInfo&) { all.make()(st); });
+  }
+  REQUIRE(all.wait(ids.size()));
+  const auto events = rig.source->events();
+  REQUIRE(events.size() == 1 + 2 + 600);  // rig.validate()'s stat, two reads, 600 stats
+  CHECK(events[1] == "read /data/f@0");
+  CHECK(events[2] == fmt::format("read /data/f@{}", 8 * kBlock));  // ahead of every batch
+  CHECK(events[3] == "stat /many/400");  // the batch a reader waits for, ahead of the others
+  CHECK(events[203] == "stat /many/0");
+  CHECK(events[403] == "stat /many/200");
+}
+
+TEST_CASE(
     "stopping with validations queued fails their waiters as cancelled, logs no file as "
     "unservable",
     "[engine]") {
