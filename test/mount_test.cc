@@ -460,3 +460,20 @@ TEST_CASE("the daemon raises its open-file limit: files made in the mount each h
   }
   CHECK(mount.status()["errors"] == 0);
 }
+
+TEST_CASE("a detached mount whose log file cannot be opened fails with one line", "[mount]") {
+  ScratchDir dir("badlog");
+  const auto images = dir.path() / "images";
+  const auto mnt = dir.path() / "mnt";
+  copy_fixture(images);
+  populate_source(Catalog::load(images), dir.path() / "source");
+  std::filesystem::create_directories(mnt);
+  std::ofstream(dir.path() / "plain") << "a file, not a directory\n";
+  const auto log = dir.path() / "plain" / "lazyfs.log";
+  auto r = run_lazyfs({"mount", "--cache-dir", (dir.path() / "cache").string(), "--log-file",
+                       log.string(), mnt.string(), images.string(),
+                       "file://" + (dir.path() / "source").string()});
+  CHECK(r.status == 1);
+  CHECK(r.err == "lazyfs: cannot open log file " + log.string() + "\n");
+  CHECK_FALSE(is_mounted(mnt));
+}
