@@ -11,6 +11,7 @@
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstring>
+#include <future>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -334,6 +335,30 @@ TEST_CASE("http source: a hung server fails within the stall time-out, then reco
   r = read_range(*source, "/f.bin", kMiB, 4096);
   REQUIRE(r.status.ok());
   CHECK(r.data == expected_slice(file, kMiB, 4096));
+}
+
+TEST_CASE("http source: cancel ends a read hung on the server, and every later call", "[http]") {
+  HttpServer server;
+  make_random_file(server.docroot() / "f.bin", 4 * kMiB, 13);
+  auto o = options_for(server.url());
+  o.stall_timeout = 10s;
+  auto source = connect(o);
+  REQUIRE(read_range(*source, "/f.bin", 0, 4096).status.ok());
+
+  server.pause();
+  auto reader =
+      std::async(std::launch::async, [&] { return read_range(*source, "/f.bin", kMiB, 4096); });
+  std::this_thread::sleep_for(300ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  source->cancel();
+  REQUIRE(reader.wait_for(5s) == std::future_status::ready);  // not the 10 s stall
+  auto r = reader.get();
+  server.resume();
+  INFO(r.status.message());
+  CHECK(r.status.errnum() == ECANCELED);
+  CHECK_FALSE(r.status.retryable());
+  CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+  CHECK(read_range(*source, "/f.bin", 0, 4096).status.errnum() == ECANCELED);
 }
 
 TEST_CASE("http source: a throwing sink leaves the source usable", "[http]") {

@@ -207,6 +207,31 @@ TEST_CASE("a read parked on a hung server is interrupted with EINTR", "[mount][s
   ::close(fd);
 }
 
+TEST_CASE("stopping the daemon while a fetch hangs on the server does not wait for it",
+          "[mount][sftp]") {
+  SftpRig rig;  // --timeout 30: a stalled transfer fails after 10 s
+  int fd = ::open(rig.at(kBig).c_str(), O_RDONLY | O_DIRECT);
+  REQUIRE(fd >= 0);
+  int err = 0;
+  CHECK(pread_bytes(fd, 0, 4096, err) == source_bytes(kBig, 0, 4096));  // sessions are up
+  rig.sshd.pause();
+  auto reader = std::async(std::launch::async, [&] {
+    int e = 0;
+    pread_bytes(fd, 60 * kBlock, 4096, e);
+    return e;
+  });
+  std::this_thread::sleep_for(500ms);  // let the fetch go out and hang
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(rig.mount->stop());
+  const auto took = std::chrono::steady_clock::now() - t0;
+  // The fetch is abandoned, not waited out: well inside the 10 s stall.
+  CHECK(took < 5s);
+  REQUIRE(reader.wait_for(5s) == std::future_status::ready);
+  CHECK(reader.get() != 0);
+  ::close(fd);
+  rig.sshd.resume();
+}
+
 TEST_CASE("mounting with an unknown host key or an unreachable host fails clearly",
           "[mount][sftp]") {
   SshServer sshd;

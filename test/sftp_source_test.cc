@@ -681,6 +681,48 @@ TEST_CASE("sftp source: fails within the stall timeout when sshd hangs, then rec
   CHECK(source->state() == SourceState::kConnected);
 }
 
+TEST_CASE("sftp source: cancel ends a read hung on the server at once, and every later call",
+          "[sftp]") {
+  const auto client = GENERATE(SshClient::kOpenSsh, SshClient::kLibssh2);
+  INFO(client_name(client));
+  SshServer server;
+  const auto file = server.dir() / "data.bin";
+  const auto bytes = make_random_file(file, 64 * kMiB, 7);
+  auto options = server.options(client);
+  options.stall_timeout = 10s;
+  auto source = connect(options);
+
+  std::thread canceller;
+  std::chrono::steady_clock::time_point cancelled;
+  uint64_t got = 0;
+  auto st =
+      source->read(file.string(), 0, bytes.size(), [&](uint64_t, std::span<const std::byte> d) {
+        if (got == 0) {
+          server.pause();
+          canceller = std::thread([&] {
+            std::this_thread::sleep_for(300ms);
+            cancelled = std::chrono::steady_clock::now();
+            source->cancel();
+          });
+        }
+        got += d.size();
+      });
+  const auto ended = std::chrono::steady_clock::now();
+  canceller.join();
+  const auto waited = ended - cancelled;
+  INFO(st.message());
+  CHECK(st.errnum() == ECANCELED);
+  CHECK_FALSE(st.retryable());
+  CHECK(got < bytes.size());
+  CHECK(waited < 5s);  // not the 10 s stall time-out
+
+  server.resume();
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = read_range(*source, file.string(), 0, 10);
+  CHECK(r.status.errnum() == ECANCELED);
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+}
+
 TEST_CASE("sftp source: survives sshd killed mid-transfer and started again", "[sftp]") {
   const auto client = GENERATE(SshClient::kOpenSsh, SshClient::kLibssh2);
   INFO(client_name(client));

@@ -152,8 +152,10 @@ void FetchEngine::stop() {
       q.clear();
     }
   }
-  const auto cancelled = Status::permanent(ECANCELED, "lazyfs is shutting down");
+  const auto cancelled = shutting_down();
   for (auto& j : abandoned) abandon(j, cancelled);
+  // What is running ends now, not when a hung source's time-outs end it.
+  source_->cancel();
   {
     // Under the lock that schedule_flush() arms it under: a timer is not
     // safe to cancel while another thread sets it.
@@ -581,7 +583,7 @@ void FetchEngine::enqueue_all(std::vector<std::shared_ptr<Job>> jobs) {
     }
   }
   if (stopping) {
-    for (auto& job : jobs) abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
+    for (auto& job : jobs) abandon(job, shutting_down());
     return;
   }
   for (size_t i = 0; i < std::min<size_t>(jobs.size(), workers_); ++i) {
@@ -780,6 +782,7 @@ void FetchEngine::end_fetch(Landing& l, Status status) {
 // the budget allows; false if the caller must give up.
 bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& status) {
   const auto now = Clock::now();
+  if (status.errnum() == ECANCELED) return false;  // stopping: not the source's failure
   if (!status.retryable() || now + job->backoff >= job->deadline) {
     ++counters_->errors;
     log::error("engine", "giving up path={} off={} len={} reason=\"{}\"", job->file->path,
@@ -814,7 +817,7 @@ bool FetchEngine::retry_later(const std::shared_ptr<Job>& job, const Status& sta
         std::lock_guard lock(job->file->mutex);
         std::erase(job->file->jobs, job);
       }
-      abandon(job, Status::permanent(ECANCELED, "lazyfs is shutting down"));
+      abandon(job, shutting_down());
       return;
     }
     enqueue(job);

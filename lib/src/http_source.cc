@@ -185,7 +185,8 @@ struct Response {
 struct Transfer {
   CURL* easy = nullptr;
   const Settings* s = nullptr;
-  std::string path;  // the image path, for messages
+  const std::atomic<bool>* cancelled = nullptr;  // the source's: ends the transfer
+  std::string path;                              // the image path, for messages
   // A GET of [offset, offset + length) when `ranged`, else a HEAD.
   bool ranged = false;
   uint64_t offset = 0;
@@ -388,6 +389,10 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
 
 int on_progress(void* user, curl_off_t, curl_off_t dlnow, curl_off_t, curl_off_t ulnow) {
   auto& t = *static_cast<Transfer*>(user);
+  if (t.cancelled && t.cancelled->load(std::memory_order_acquire)) {
+    t.refusal = shutting_down();
+    return 1;
+  }
   const auto now = Clock::now();
   curl_off_t pretransfer = 0;
   curl_easy_getinfo(t.easy, CURLINFO_PRETRANSFER_TIME_T, &pretransfer);
@@ -513,6 +518,13 @@ class HttpSource final : public Source {
   std::string describe() const override { return s_.uri; }
   unsigned max_concurrency() const override { return s_.connections; }
   SourceState state() const override { return state_.load(std::memory_order_relaxed); }
+
+  // Ends transfers at their next progress call (at most about a second).
+  void cancel() override {
+    cancelled_.store(true, std::memory_order_release);
+    std::lock_guard lock(mu_);
+    cv_.notify_all();  // checkout() waiters
+  }
 
   Status stat(const std::string& path, SourceStat& out) override {
     counters_.stats.fetch_add(1, std::memory_order_relaxed);
@@ -737,6 +749,10 @@ class HttpSource final : public Source {
 
   Status perform(Transfer& t, const std::string& url, curl_slist* headers) {
     auto c = checkout();
+    if (cancelled_.load(std::memory_order_acquire)) {
+      if (c) checkin(std::move(c));
+      return shutting_down();
+    }
     if (!c) return Status::transient(ENOMEM, "cannot create a curl handle");
     Status st;
     try {
@@ -753,6 +769,7 @@ class HttpSource final : public Source {
   // other than 412 and 416 are mapped here; the rest is the caller's.
   Status perform_on(Connection& c, Transfer& t, const std::string& url, curl_slist* headers) {
     t.s = &s_;
+    t.cancelled = &cancelled_;
     long connects = 0;
     const CURLcode rc = c.perform(t, url, headers, connects);
     if (connects > 0) {
@@ -879,7 +896,11 @@ class HttpSource final : public Source {
   std::unique_ptr<Connection> checkout() {
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return !idle_.empty() || open_ < s_.connections; });
+      cv_.wait(lock, [&] {
+        return cancelled_.load(std::memory_order_acquire) || !idle_.empty() ||
+               open_ < s_.connections;
+      });
+      if (cancelled_.load(std::memory_order_acquire)) return nullptr;
       if (!idle_.empty()) {
         // The most recently used first: its connection is the likeliest alive.
         auto c = std::move(idle_.back());
@@ -916,6 +937,7 @@ class HttpSource final : public Source {
   std::mutex validators_mu_;
   std::unordered_map<std::string, Validator> validators_;  // guarded by validators_mu_
   std::atomic<SourceState> state_{SourceState::kConnected};
+  std::atomic<bool> cancelled_{false};
   std::atomic<bool> started_{false};  // warm_up succeeded
   std::vector<std::thread> warmers_;  // joined on destruction
 };

@@ -17,6 +17,8 @@
 
 #include <fcntl.h>
 #include <pwd.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -48,6 +50,30 @@ namespace detail {
 
 std::string errno_text(int errnum) {
   return std::system_category().message(errnum);
+}
+
+Cancellation::Cancellation() : event_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  if (!event_) throw std::system_error(errno, std::system_category(), "eventfd");
+}
+
+void Cancellation::cancel() {
+  std::lock_guard lock(mu_);
+  if (cancelled_.exchange(true, std::memory_order_acq_rel)) return;
+  const uint64_t one = 1;
+  // Cannot fail: the counter is far from its maximum.
+  [[maybe_unused]] auto n = ::write(event_.get(), &one, sizeof one);
+  for (int socket : sockets_) ::shutdown(socket, SHUT_RDWR);
+}
+
+void Cancellation::add_socket(int socket) {
+  std::lock_guard lock(mu_);
+  sockets_.push_back(socket);
+  if (cancelled()) ::shutdown(socket, SHUT_RDWR);
+}
+
+void Cancellation::remove_socket(int socket) {
+  std::lock_guard lock(mu_);
+  std::erase(sockets_, socket);
 }
 
 }  // namespace detail
@@ -801,11 +827,18 @@ void Session::deliver_front(Transfer& t) {
 
 class SftpSource final : public Source {
  public:
-  explicit SftpSource(SshSettings settings) : s_(std::move(settings)) {}
+  explicit SftpSource(SshSettings settings)
+      : s_(with_cancellation(std::move(settings), &cancellation_)) {}
 
   std::string describe() const override { return s_.uri; }
   unsigned max_concurrency() const override { return s_.connections; }
   SourceState state() const override { return state_.load(std::memory_order_relaxed); }
+
+  void cancel() override {
+    cancellation_.cancel();
+    std::lock_guard lock(mu_);
+    cv_.notify_all();  // checkout() waiters
+  }
 
   Status stat(const std::string& path, SourceStat& out) override {
     counters_.stats.fetch_add(1, std::memory_order_relaxed);
@@ -974,10 +1007,18 @@ class SftpSource final : public Source {
     }
   }
 
+  static SshSettings with_cancellation(SshSettings s, detail::Cancellation* c) {
+    s.cancellation = c;
+    return s;
+  }
+
   Status checkout(std::unique_ptr<Session>& out, bool& fresh) {
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return !idle_.empty() || open_ < s_.connections; });
+      cv_.wait(lock, [&] {
+        return cancellation_.cancelled() || !idle_.empty() || open_ < s_.connections;
+      });
+      if (cancellation_.cancelled()) return shutting_down();
       if (!idle_.empty()) {
         out = std::move(idle_.back());
         idle_.pop_back();
@@ -1023,6 +1064,7 @@ class SftpSource final : public Source {
     cv_.notify_one();
   }
 
+  detail::Cancellation cancellation_;  // before s_, which points to it
   const SshSettings s_;
   std::mutex known_hosts_mu_;  // serialises reading and appending known_hosts
   std::mutex mu_;

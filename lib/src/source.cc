@@ -30,6 +30,10 @@ std::string changed_since(const SourceStat& then, const SourceStat& now) {
   return {};
 }
 
+Status shutting_down() {
+  return Status::permanent(ECANCELED, "lazyfs is shutting down");
+}
+
 Status read_into(Source& source, const std::string& path, uint64_t offset, std::span<std::byte> buf,
                  size_t& got) {
   got = 0;

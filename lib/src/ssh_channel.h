@@ -7,6 +7,7 @@
 // Status values with the same wording whichever client is used.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -15,10 +16,37 @@
 #include <string>
 #include <vector>
 
+#include "lazyfs/fileio.h"
 #include "lazyfs/sftp_source.h"
 #include "lazyfs/source.h"
 
 namespace lazyfs::detail {
+
+// Ends the waits of a source's sessions at once when the source is cancelled
+// (shutdown). The OpenSSH channel polls fd() beside its socket; libssh2
+// blocks inside its own calls, so its socket is registered here and shut
+// down instead.
+class Cancellation {
+ public:
+  Cancellation();
+  Cancellation(const Cancellation&) = delete;
+  Cancellation& operator=(const Cancellation&) = delete;
+
+  // Readable once cancelled.
+  int fd() const { return event_.get(); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+  void cancel();
+  // `socket` stays open until remove_socket(); shut down at once if the
+  // source is already cancelled.
+  void add_socket(int socket);
+  void remove_socket(int socket);
+
+ private:
+  UniqueFd event_;
+  std::atomic<bool> cancelled_{false};
+  std::mutex mu_;
+  std::vector<int> sockets_;  // guarded by mu_
+};
 
 // What every session of a source needs, resolved once.
 struct SshSettings {
@@ -35,9 +63,10 @@ struct SshSettings {
   HostKeyPolicy policy = HostKeyPolicy::kStrict;
   std::chrono::milliseconds connect_timeout{};
   std::chrono::milliseconds stall_timeout{};
-  std::string endpoint;  // host:port, for messages
-  std::string login;     // sftp://user@host:port, for messages
-  std::string uri;       // login + root, for describe()
+  std::string endpoint;                  // host:port, for messages
+  std::string login;                     // sftp://user@host:port, for messages
+  std::string uri;                       // login + root, for describe()
+  Cancellation* cancellation = nullptr;  // the source's; outlives its sessions
 };
 
 class SshChannel {

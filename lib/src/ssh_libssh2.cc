@@ -171,13 +171,15 @@ Status tcp_connect(const SshSettings& s, UniqueFd& out) {
         last_error = errno;
         continue;
       }
-      pollfd pfd{fd.get(), POLLOUT, 0};
+      pollfd pfds[2] = {{fd.get(), POLLOUT, 0},
+                        {s.cancellation ? s.cancellation->fd() : -1, POLLIN, 0}};
       int ready = 0;
       do {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
             deadline - std::chrono::steady_clock::now());
-        ready = ::poll(&pfd, 1, static_cast<int>(std::max<int64_t>(left.count(), 0)));
+        ready = ::poll(pfds, 2, static_cast<int>(std::max<int64_t>(left.count(), 0)));
       } while (ready < 0 && errno == EINTR);
+      if (pfds[1].revents) return shutting_down();
       if (ready <= 0) {
         last_error = ready == 0 ? ETIMEDOUT : errno;
         continue;
@@ -236,6 +238,7 @@ class Libssh2Channel final : public SshChannel {
 };
 
 Libssh2Channel::~Libssh2Channel() {
+  if (fd_ && s_.cancellation) s_.cancellation->remove_socket(fd_.get());
   if (broken_ && fd_) {
     // Make every further socket call fail at once, so that tearing down a
     // dead or stalled session cannot wait for the peer.
@@ -250,12 +253,15 @@ Libssh2Channel::~Libssh2Channel() {
 
 Status Libssh2Channel::fail(int rc, const std::string& what) {
   broken_ = true;
+  if (s_.cancellation && s_.cancellation->cancelled()) return shutting_down();
   return session_error(session_, rc, what, s_.login, timeout_);
 }
 
 Status Libssh2Channel::connect(std::mutex& known_hosts_mu) {
   auto st = tcp_connect(s_, fd_);
   if (!st.ok()) return st;
+  // libssh2 blocks inside its calls: a cancel shuts the socket down.
+  if (s_.cancellation) s_.cancellation->add_socket(fd_.get());
   session_ = libssh2_session_init();
   if (!session_) return Status::transient(ENOMEM, "cannot create an SSH session");
   libssh2_session_set_blocking(session_, 1);
@@ -493,6 +499,10 @@ Status Libssh2Channel::read(std::span<std::byte> buf, size_t& got) {
   ssize_t n = libssh2_channel_read(channel_, reinterpret_cast<char*>(buf.data()), buf.size());
   if (n < 0) return fail(static_cast<int>(n), "receiving");
   if (n == 0) {
+    if (s_.cancellation && s_.cancellation->cancelled()) {
+      broken_ = true;
+      return shutting_down();
+    }
     int last = libssh2_session_last_errno(session_);
     if (last == LIBSSH2_ERROR_TIMEOUT) return fail(last, "receiving");
     broken_ = true;

@@ -256,11 +256,14 @@ Status OpenSshChannel::wait_for(short events) {
     const auto left =
         std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) break;
-    pollfd pfds[2] = {{io_.get(), events, 0}, {err_ ? err_.get() : -1, POLLIN, 0}};
-    int ready = ::poll(pfds, 2, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
+    pollfd pfds[3] = {{io_.get(), events, 0},
+                      {err_ ? err_.get() : -1, POLLIN, 0},
+                      {s_.cancellation ? s_.cancellation->fd() : -1, POLLIN, 0}};
+    int ready = ::poll(pfds, 3, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
     if (ready < 0 && errno == EINTR) continue;
     if (ready < 0) return Status::transient(errno, fmt::format("poll: {}", errno_text(errno)));
     if (ready == 0) break;
+    if (pfds[2].revents) return shutting_down();
     if (pfds[1].revents) read_stderr();
     if (pfds[0].revents) return {};
   }

@@ -106,12 +106,13 @@ class FetchEngine {
   using InfoCompletion = std::function<void(const Status&, const FileInfo&)>;
 
   FetchEngine(std::shared_ptr<Source> source, BlockCache& cache, EngineOptions options);
-  // Fails what is still queued (ECANCELED), waits for running source
-  // requests (bounded by the source's time-outs), flushes the cache.
+  // stop().
   ~FetchEngine();
 
-  // Fails what is queued (ECANCELED), waits for the running requests and
-  // their completions, and flushes the cache; later requests fail at once.
+  // Fails what is queued (ECANCELED), cancels the source (Source::cancel():
+  // what is running fails at once instead of waiting out a hung source),
+  // waits for the completions, and flushes the cache; later requests fail at
+  // once.
   // Once it returns no completion runs any more. Idempotent; the destructor
   // calls it.
   void stop();

@@ -50,6 +50,10 @@ struct SourceCounters {
 enum class SourceState { kConnected, kRetrying, kDown };
 const char* source_state_name(SourceState state);
 
+// ECANCELED, permanent: what a call ended by shutdown (Source::cancel(),
+// FetchEngine::stop()) fails with.
+Status shutting_down();
+
 class Source {
  public:
   virtual ~Source() = default;
@@ -113,6 +117,12 @@ class Source {
 
   virtual SourceState state() const { return SourceState::kConnected; }
   const SourceCounters& counters() const { return counters_; }
+
+  // Ends every call in flight at once, and fails every later one, with
+  // shutting_down(): for a shutdown that must not wait out a hung source's
+  // time-outs. Thread-safe, irreversible. A source whose calls cannot hang
+  // (file://) does nothing.
+  virtual void cancel() {}
 
  protected:
   SourceCounters counters_;
