@@ -2,7 +2,8 @@
 # The fetch engine against a single `curl` SFTP download of the same file, in
 # one run, over a throwaway OpenSSH sshd on 127.0.0.1 (keys generated here,
 # removed at exit). Usage: bench/engine-bench.sh [SIZE_MIB] [BLOCK_SIZE...]
-# Prints the engine's JSON and a summary; needs root and build/bin.
+# Prints the engine's JSON and a summary; needs root and build/bin (or the
+# directory in $LAZYFS_BIN_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-256}
@@ -58,7 +59,7 @@ curl_s=$(awk "BEGIN {print $end - $start}")
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 args=()
 for b in "${blocks[@]}"; do args+=(--block-size "$b"); done
-build/bin/lazyfs-engine-bench --source "$uri" --path /file.bin --identity "$work/user_key" \
+"${LAZYFS_BIN_DIR:-build/bin}/lazyfs-engine-bench" --source "$uri" --path /file.bin --identity "$work/user_key" \
   --known-hosts "$work/known_hosts" --cache-dir "$work/cache" --curl-seconds "$curl_s" "${args[@]}"
 sleep 0.5
 echo "sftp-server bytes read in all: $(awk '/bytes read/ {for (i = 1; i < NF; i++) if ($i == "read") s += $(i + 1)} END {print s + 0}' "$work/sftp-server.log")"

@@ -67,7 +67,7 @@ curl_s=$(awk "BEGIN {print $end - $start}")
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 args=()
 for b in "${blocks[@]}"; do args+=(--block-size "$b"); done
-build/bin/lazyfs-engine-bench --source "$uri" --path /file.bin --cache-dir "$work/cache" \
+"${LAZYFS_BIN_DIR:-build/bin}/lazyfs-engine-bench" --source "$uri" --path /file.bin --cache-dir "$work/cache" \
   --curl-seconds "$curl_s" "${args[@]}"
 sleep 0.5
 echo "nginx: $(wc -l <"$work/access.log") requests on" \

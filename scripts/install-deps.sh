@@ -11,7 +11,7 @@ packages=(
   libcurl4-openssl-dev libssh2-1-dev libssl-dev
   libboost-dev libfmt-dev libcli11-dev nlohmann-json3-dev catch2
   openssh-server openssh-client nginx
-  sshfs rsync gnuplot iproute2
+  sshfs rsync gnuplot iproute2 curl
 )
 
 missing=()

@@ -168,7 +168,11 @@ SshServer::SshServer() : scratch_("sshd") {
     write_text(wrong_known_hosts_, entry + public_key(d / "other_ed25519.pub") + "\n");
     // sftp-server's stderr goes to its own log (sshd runs the subsystem
     // through the shell, so the redirection works); O_APPEND keeps the lines
-    // of concurrent sessions whole.
+    // of concurrent sessions whole. HOME is this directory, so that the
+    // shell, which bash started by sshd makes read ~/.bashrc, runs none of
+    // the user's: a session killed with the server while an rc file held a
+    // lock (pyenv's rehash lock, on a CI machine) left every later session
+    // waiting for it, and every later test timing out.
     write_text(config_, fmt::format(R"(ListenAddress 127.0.0.1
 Port {port}
 HostKey {dir}/host_ed25519
@@ -188,6 +192,7 @@ AllowTcpForwarding no
 MaxStartups 100
 MaxSessions 32
 LogLevel INFO
+SetEnv HOME={dir}
 Subsystem sftp {sftp} -l INFO -e 2>>'{sftp_log}'
 )",
                                     fmt::arg("port", port_), fmt::arg("dir", d.string()),
