@@ -34,6 +34,8 @@ PasswordAuthentication no
 UsePAM no
 StrictModes no
 PidFile $work/sshd.pid
+# No rc file of the user runs in the sftp-server's shell (see ssh_server.h).
+SetEnv HOME=$work
 Subsystem sftp /usr/lib/openssh/sftp-server -l INFO -e 2>>$work/sftp-server.log
 CONF
 /usr/sbin/sshd -D -e -f "$work/sshd_config" 2>"$work/sshd.log" &

@@ -403,8 +403,8 @@ int main(int argc, char** argv) {
       "(repeatable; write it with '=')");
   app.add_option("--sftp-server", o.sftp_server,
                  "How the source's sshd serves SFTP: external (Debian's default: "
-                 "/usr/lib/openssh/sftp-server, started through the login shell, which runs "
-                 "its rc files for every session) or internal (internal-sftp, no shell)")
+                 "/usr/lib/openssh/sftp-server, started through the login shell) or internal "
+                 "(internal-sftp, no shell)")
       ->check(CLI::IsMember({"external", "internal"}));
   CLI11_PARSE(app, argc, argv);
   if (o.quick) {

@@ -91,6 +91,7 @@ AllowTcpForwarding no
 MaxStartups 100
 MaxSessions 64
 LogLevel INFO
+SetEnv HOME={dir}
 Subsystem sftp {sftp}
 )",
                                  fmt::arg("addr", link.inner_address()),

@@ -22,6 +22,8 @@ class SshServer {
   // namespace; throws if it does not come up. SFTP sessions run
   // `sftp_server`: a program's path, started (as sshd does) through the
   // user's login shell, or "internal-sftp", inside sshd without a shell.
+  // Sessions get HOME=`dir`, so the shell runs none of the user's rc files
+  // (a session killed while one held a lock, pyenv's, hung every later one).
   SshServer(const std::filesystem::path& dir, NetnsLink& link, const std::string& sftp_server);
   ~SshServer();
   SshServer(const SshServer&) = delete;
