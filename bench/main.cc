@@ -59,6 +59,7 @@ struct Options {
   bool verbose = false;
   std::vector<std::string> lazyfs_options;
   std::string sftp_server = "external";
+  std::string restore_fs = "ext4";
 };
 
 std::string gib(uint64_t bytes) {
@@ -136,6 +137,10 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
     if (m == "sshfs") needed.push_back("sshfs");
   }
   if (!o.png.empty()) needed.push_back("gnuplot");
+  if (o.restore_fs == "ext4") {
+    needed.push_back("mkfs.ext4");
+    needed.push_back("mount");
+  }
   for (const auto& p : needed) {
     if (!lb::find_program(p)) {
       fmt::print(stderr,
@@ -247,7 +252,14 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
         o.sftp_server == "internal" ? "internal-sftp" : "/usr/lib/openssh/sftp-server");
     lb::DelayRelay relay(link.inner_address(), 22);
     ssh.trust_at(relay.port());
-    lb::BenchContext ctx{scratch, source_root, bin_dir, &ssh, &relay, o.verbose, o.lazyfs_options};
+    // Room for an eager copy beside the cache of a recording mount, and
+    // inodes for a data file and a map per file (the image is sparse).
+    size_t most_files = 0;
+    for (const auto& s : scenarios) most_files = std::max(most_files, s.files.size());
+    const lb::RestoreFs restore_fs{o.restore_fs == "ext4", 2 * largest + (1ull << 30),
+                                   4 * most_files + 65536};
+    lb::BenchContext ctx{scratch, source_root, bin_dir,          &ssh,
+                         &relay,  o.verbose,   o.lazyfs_options, restore_fs};
 
     std::unique_ptr<lb::CriuMigration> criu;
     if (!o.criu.empty()) {
@@ -320,7 +332,8 @@ int run_bench(const Options& o, const std::vector<std::string>& argv_text) {
                      {"methods", method_list},
                      {"scenarios", scenario_list},
                      {"lazyfs_options", o.lazyfs_options},
-                     {"sftp_server", o.sftp_server}};
+                     {"sftp_server", o.sftp_server},
+                     {"restore_fs", o.restore_fs}};
     nlohmann::json links = nlohmann::json::array();
     for (const auto& l : link_specs()) {
       if (std::find(link_list.begin(), link_list.end(), l.name) == link_list.end()) continue;
@@ -406,6 +419,12 @@ int main(int argc, char** argv) {
                  "/usr/lib/openssh/sftp-server, started through the login shell) or internal "
                  "(internal-sftp, no shell)")
       ->check(CLI::IsMember({"external", "internal"}));
+  app.add_option("--restore-fs", o.restore_fs,
+                 "Where each run's restore side (copies, lazyfs cache, mountpoint) lives: ext4 (a "
+                 "fresh file system per run, made by mkfs.ext4 with its defaults in a sparse "
+                 "image in the scratch directory and loop-mounted; default) or scratch (the "
+                 "scratch directory's own file system, shared by every run)")
+      ->check(CLI::IsMember({"ext4", "scratch"}));
   CLI11_PARSE(app, argc, argv);
   if (o.quick) {
     if (!scale_set) o.scale = 0.01;

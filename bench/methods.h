@@ -30,6 +30,15 @@ class DelayRelay;
 
 const std::vector<std::string>& method_names();
 
+// Where a run's restore side lives (its checkpoint copy, mountpoint, lazyfs
+// cache and eager copy): a file system of its own, made by mkfs.ext4 with
+// its defaults for each run (fresh_ext4), or the scratch directory's.
+struct RestoreFs {
+  bool fresh_ext4 = true;
+  uint64_t bytes = 0;   // the sparse image's size
+  uint64_t inodes = 0;  // mkfs.ext4 -N
+};
+
 struct BenchContext {
   std::filesystem::path scratch;      // per-run directories go under scratch/run
   std::filesystem::path source_root;  // the source tree: file P is at source_root + P
@@ -38,6 +47,7 @@ struct BenchContext {
   DelayRelay* relay = nullptr;
   bool verbose = false;
   std::vector<std::string> lazyfs_options;  // --lazyfs-option: added to every lazyfs mount
+  RestoreFs restore_fs;
 };
 
 // One scenario ready to run: its checkpoint and plan, or its CRIU dump.
