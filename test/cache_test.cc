@@ -45,6 +45,16 @@ namespace hooks = lazyfs::cache_hooks;
 
 namespace {
 
+int wait_child(pid_t pid) {
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return status;
+}
+
+}  // namespace
+
+namespace {
+
 constexpr uint64_t kEnd = std::numeric_limits<uint64_t>::max();
 const std::string kCheckpoint = "ckpt-0123";
 
@@ -819,7 +829,7 @@ TEST_CASE("cache: at most max_open_files data files stay open, closed ones reope
     require_ok(f->write_fetched(0, fetched(i * 4096, 4096)));
     CHECK(cache->open_files() <= kMax);
   }
-  CHECK(open_fds() <= fds_before + kMax + 1);  // + the cache directory
+  CHECK(open_fds() <= fds_before + kMax + 2);  // + the cache directory and its lock
   // A reader keeps the descriptor it was given after the file is closed.
   auto* first = cache->file(path_of(0), 4096, st);
   const SharedFd held = first->fd();
@@ -1009,8 +1019,7 @@ TEST_CASE("cache: two checkpoints in one directory never share files", "[cache]"
   }
   size_t files = 0;
   for (const auto& e : fs::directory_iterator(dir)) {
-    (void)e;
-    ++files;
+    if (e.path().extension() != ".lock") ++files;
   }
   CHECK(files == 3);  // two data files, one map (the second file never changed)
   auto one = BlockCache::open(dir, "ckpt-one", st);
@@ -1029,7 +1038,30 @@ TEST_CASE("cache: the cache directory is private", "[cache]") {
     require_ok(st);
     CHECK(mode_of(dir) == 0700);
     CHECK(mode_of(scratch.path() / "a") == 0700);
-    // Opening it again is fine.
+    // Opening it again is fine once it is closed.
+    cache.reset();
+    CHECK(BlockCache::open(dir, kCheckpoint, st));
+    require_ok(st);
+  }
+  SECTION("one cache of a checkpoint at a time; other checkpoints share the directory") {
+    auto dir = scratch.path() / "c";
+    auto cache = BlockCache::open(dir, kCheckpoint, st);
+    require_ok(st);
+    CHECK_FALSE(BlockCache::open(dir, kCheckpoint, st));
+    CHECK(st.errnum() == EBUSY);
+    CHECK(st.message().find(fmt::format("(pid {})", ::getpid())) != std::string::npos);
+    CHECK(BlockCache::open(dir, "another checkpoint", st));
+    require_ok(st);
+    // The lock is the open file's, so it goes with a crash too.
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      Status cst;
+      auto other = BlockCache::open(dir, kCheckpoint, cst);
+      ::_exit(!other && cst.errnum() == EBUSY ? 0 : 1);
+    }
+    CHECK(WEXITSTATUS(wait_child(child)) == 0);
+    cache.reset();
     CHECK(BlockCache::open(dir, kCheckpoint, st));
     require_ok(st);
   }
@@ -1089,12 +1121,6 @@ struct HookGuard {
   HookGuard(const HookGuard&) = delete;
   HookGuard& operator=(const HookGuard&) = delete;
 };
-
-int wait_child(pid_t pid) {
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return status;
-}
 
 // Runs `body` in a child process that the flush hook ends at g_crash_at,
 // and checks that it did end there.

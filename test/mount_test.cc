@@ -477,3 +477,29 @@ TEST_CASE("a detached mount whose log file cannot be opened fails with one line"
   CHECK(r.err == "lazyfs: cannot open log file " + log.string() + "\n");
   CHECK_FALSE(is_mounted(mnt));
 }
+
+TEST_CASE("a second mount of a checkpoint on the same cache dir is refused while one runs",
+          "[mount]") {
+  ScratchDir dir("twice");
+  const auto images = dir.path() / "images";
+  const auto cache = (dir.path() / "cache").string();
+  const auto src = "file://" + (dir.path() / "source").string();
+  copy_fixture(images);
+  populate_source(Catalog::load(images), dir.path() / "source");
+  const auto second = dir.path() / "mnt2";
+  std::filesystem::create_directories(second);
+  {
+    LazyfsMount first(dir.path() / "mnt", images, src, {"--cache-dir", cache});
+    auto r = run_lazyfs({"mount", "--cache-dir", cache, second.string(), images.string(), src});
+    CHECK(r.status == 1);
+    CHECK(r.err == fmt::format("lazyfs: cache dir {} is in use for this checkpoint by another "
+                               "lazyfs (pid {}); give each mount of it its own --cache-dir\n",
+                               cache, first.pid()));
+    CHECK_FALSE(is_mounted(second));
+    CHECK(read_file(first.at("/srv/lazyfs-fixture-a/state/counter.db")).size() == 8192);
+    CHECK(first.status()["errors"] == 0);
+  }
+  // Once the first is gone, the cache is free again.
+  LazyfsMount again(second, images, src, {"--cache-dir", cache});
+  CHECK(read_file(again.at("/srv/lazyfs-fixture-a/state/counter.db")).size() == 8192);
+}

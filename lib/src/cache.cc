@@ -32,6 +32,7 @@
 #include "lazyfs/cache.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -282,6 +283,38 @@ Status make_private_dir(const std::filesystem::path& dir) {
                             dir.string(), st.st_mode & 07777));
   }
   return {};
+}
+
+// The lock on one checkpoint's caches in `dir`; see BlockCache::open.
+UniqueFd lock_checkpoint(const std::filesystem::path& dir, const std::string& checkpoint_id,
+                         Status& status) {
+  const auto path = dir / (sha256_hex(checkpoint_id) + ".lock");
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, kFileMode));
+  if (!fd) {
+    status = io_status(last_errno(), fmt::format("cannot open cache lock {}", path.string()));
+    return {};
+  }
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) {
+      status = io_status(last_errno(), fmt::format("cannot lock {}", path.string()));
+      return {};
+    }
+    std::vector<uint8_t> raw;
+    std::string holder;
+    if (!read_whole_file(path, 32, raw) && !raw.empty()) {
+      holder = fmt::format(" (pid {})", std::string(raw.begin(), raw.end()));
+    }
+    status = Status::permanent(
+        EBUSY, fmt::format("cache dir {} is in use for this checkpoint by another lazyfs{}; "
+                           "give each mount of it its own --cache-dir",
+                           dir.string(), holder));
+    return {};
+  }
+  const auto pid = std::to_string(::getpid());
+  if (::ftruncate(fd.get(), 0) != 0 || pwrite_all(fd.get(), pid.data(), pid.size(), 0)) {
+    log::debug("cache", "cannot write the pid into {}", path.string());  // the lock holds
+  }
+  return fd;
 }
 
 }  // namespace
@@ -687,6 +720,8 @@ std::unique_ptr<BlockCache> BlockCache::open(const std::filesystem::path& dir,
     return nullptr;
   }
   cache->checkpoint_id_ = checkpoint_id;
+  cache->lock_fd_ = lock_checkpoint(dir, checkpoint_id, status);
+  if (!cache->lock_fd_) return nullptr;
   if (max_open_files == 0) {
     rlimit rl{};
     const rlim_t soft = ::getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;

@@ -149,6 +149,12 @@ class CacheFile {
 class BlockCache {
  public:
   // Creates `dir` (mode 0700) if needed; refuses a dir that others can read.
+  // Holds a lock on the checkpoint's caches in `dir` for its life (flock of
+  // `<hash of the checkpoint id>.lock`, which names the holder's pid): a
+  // second BlockCache of the same checkpoint and directory, in this process
+  // or another, fails with EBUSY until the first is gone, as two writers of
+  // one file's map would lose each other's ranges. Other checkpoints' caches
+  // in the same directory are not affected.
   // `max_open_files` bounds the data files kept open (0: a quarter of
   // RLIMIT_NOFILE's soft limit, between 16 and 4096).
   static std::unique_ptr<BlockCache> open(const std::filesystem::path& dir,
@@ -193,7 +199,8 @@ class BlockCache {
   void forget(CacheFile* f);
 
   std::filesystem::path dir_;
-  UniqueFd dir_fd_;  // open for the cache's life: its syncfs reports every write-back error
+  UniqueFd dir_fd_;   // open for the cache's life: its syncfs reports every write-back error
+  UniqueFd lock_fd_;  // flocked for the cache's life
   std::string checkpoint_id_;
   size_t max_open_ = 0;
   std::mutex flush_all_mutex_;  // one batched flush at a time; taken before mutex_
