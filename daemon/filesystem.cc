@@ -20,6 +20,7 @@
 #include "control.h"
 #include "fuse_fs.h"
 #include "lazyfs/fill.h"
+#include "lazyfs/hash.h"
 #include "lazyfs/log.h"
 
 namespace lazyfs {
@@ -182,9 +183,17 @@ std::unique_ptr<Filesystem> Filesystem::create(const Catalog& catalog,
   }
   impl->cache = BlockCache::open(o.cache_dir, catalog.identity(), status);
   if (!impl->cache) return nullptr;
-  const auto local_dir = o.cache_dir / "local";
+  // Files made in the mount: the checkpoint's own directory, which the
+  // cache's lock on the checkpoint makes this daemon's alone.
   std::error_code ec;
-  std::filesystem::create_directories(local_dir, ec);
+  auto local_files =
+      fs::LocalFiles::open(o.cache_dir / "local" / sha256_hex(catalog.identity()), 0, ec);
+  if (!local_files) {
+    status = Status::permanent(
+        ec.value(),
+        fmt::format("cannot prepare {}: {}", (o.cache_dir / "local").string(), ec.message()));
+    return nullptr;
+  }
 
   o.engine.max_request = std::max<uint64_t>(o.engine.max_request, o.engine.block_size);
   impl->engine = std::make_unique<FetchEngine>(impl->source, *impl->cache, o.engine);
@@ -213,7 +222,7 @@ std::unique_ptr<Filesystem> Filesystem::create(const Catalog& catalog,
   fs::FsOptions fo;
   fo.trace = impl->recorder.get();
   fo.read_only = o.read_only;
-  fo.local_dir = local_dir;
+  fo.local_files = std::move(local_files);
   fo.max_readahead = static_cast<uint32_t>(std::min<uint64_t>(o.engine.block_size, 1 << 20));
   fs::BuildReport report;
   impl->lfs =

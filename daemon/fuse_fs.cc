@@ -108,13 +108,24 @@ void guarded(fuse_req_t req, Op op, Body&& body) {
   }
 }
 
+// Runs `op` on a local file's descriptor (reopened if it was closed) and
+// returns its errno, or the reopen's.
+template <typename Op>
+int with_local_fd(const NodeView& v, Op op) {
+  int err;
+  const auto fd = v.local->fd(err);
+  return fd ? op(fd->get()) : err;
+}
+
 uint64_t node_size(LazyFs& fs, const NodeView& v) {
   switch (v.kind) {
     case Node::Kind::kDir:
       return 4096;
     case Node::Kind::kLocal: {
+      int err;
+      const auto fd = v.local->fd(err);
       struct stat st;
-      return ::fstat(v.local_fd->get(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+      return fd && ::fstat(fd->get(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
     }
     case Node::Kind::kServed:
       return fs.engine().known_size(v.file_id).value_or(0);
@@ -278,8 +289,9 @@ void lfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, 
         case Node::Kind::kDir:
           return finish(EISDIR);
         case Node::Kind::kLocal:
-          return finish(::ftruncate(view.local_fd->get(), static_cast<off_t>(size)) == 0 ? 0
-                                                                                         : errno);
+          return finish(with_local_fd(view, [size](int fd) {
+            return ::ftruncate(fd, static_cast<off_t>(size)) == 0 ? 0 : errno;
+          }));
         case Node::Kind::kServed:
           with_cache(f, view, [finish, size](const Status& cst, CacheFile* cache) {
             if (!cst.ok()) return finish(cst.errnum());
@@ -393,7 +405,10 @@ void lfs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_
     if (!v) return reply_err(fs, Op::kRead, req, ESTALE);
     const auto offset = static_cast<uint64_t>(off);
     if (v->kind == Node::Kind::kLocal) {
-      return reply_from_fd(fs, req, v->local_fd->get(), offset, size);
+      int err;
+      const auto fd = v->local->fd(err);
+      if (!fd) return reply_err(fs, Op::kRead, req, err);
+      return reply_from_fd(fs, req, fd->get(), offset, size);
     }
     if (v->kind != Node::Kind::kServed) return reply_err(fs, Op::kRead, req, EISDIR);
     auto parked = std::make_shared<Parked>(fs, req, Op::kRead, true);
@@ -471,8 +486,9 @@ void lfs_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off
     if (!v) return reply_err(fs, Op::kWrite, req, ESTALE);
     const auto offset = static_cast<uint64_t>(off);
     if (v->kind == Node::Kind::kLocal) {
-      if (auto ec = pwrite_all(v->local_fd->get(), buf, size, offset)) {
-        return reply_err(fs, Op::kWrite, req, ec.value());
+      if (int err = with_local_fd(
+              *v, [&](int fd) { return pwrite_all(fd, buf, size, offset).value(); })) {
+        return reply_err(fs, Op::kWrite, req, err);
       }
       fs.tree().touch_mtime(ino);
       return (void)fuse_reply_write(req, size);
@@ -505,7 +521,7 @@ void lfs_fsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
     if (!v) return reply_err(fs, Op::kFsync, req, ESTALE);
     int err = 0;
     if (v->kind == Node::Kind::kLocal) {
-      if (::fdatasync(v->local_fd->get()) != 0) err = errno;
+      err = with_local_fd(*v, [](int fd) { return ::fdatasync(fd) == 0 ? 0 : errno; });
     } else if (v->kind == Node::Kind::kServed) {
       if (CacheFile* c = fs.engine().cache_file(v->file_id)) {
         auto st = c->flush();
@@ -523,8 +539,9 @@ void lfs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t le
     auto v = fs.tree().get(ino);
     if (!v) return reply_err(fs, Op::kOther, req, ESTALE);
     if (v->kind == Node::Kind::kLocal) {
-      return reply_err(fs, Op::kOther, req,
-                       ::fallocate(v->local_fd->get(), mode, off, len) == 0 ? 0 : errno);
+      return reply_err(fs, Op::kOther, req, with_local_fd(*v, [&](int fd) {
+                         return ::fallocate(fd, mode, off, len) == 0 ? 0 : errno;
+                       }));
     }
     if (v->kind != Node::Kind::kServed) return reply_err(fs, Op::kOther, req, EISDIR);
     // Reserving space changes no byte; growing the file is a local extend.
@@ -548,7 +565,7 @@ void lfs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t le
 void lfs_statfs(fuse_req_t req, fuse_ino_t) {
   guarded(req, Op::kOther, [&](LazyFs& fs) {
     struct statvfs st {};
-    if (::statvfs(fs.options().local_dir.c_str(), &st) != 0) {
+    if (::statvfs(fs.options().local_files->dir().c_str(), &st) != 0) {
       return reply_err(fs, Op::kOther, req, errno);
     }
     st.f_files = fs.tree().node_count();
@@ -607,24 +624,6 @@ void lfs_removexattr(fuse_req_t req, fuse_ino_t, const char*) {
   fuse_reply_err(req, ENOTSUP);
 }
 
-// The backing file of a file created in the mount: anonymous (O_TMPFILE), so
-// it disappears with its last reference; named and unlinked at once where the
-// file system has no O_TMPFILE.
-std::shared_ptr<UniqueFd> make_local_file(const std::filesystem::path& dir, int& err) {
-  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
-    std::string tmpl = (dir / "local-XXXXXX").string();
-    fd = ::mkostemp(tmpl.data(), O_CLOEXEC);
-    if (fd >= 0) ::unlink(tmpl.c_str());
-  }
-  if (fd < 0) {
-    err = errno;
-    return nullptr;
-  }
-  err = 0;
-  return std::make_shared<UniqueFd>(fd);
-}
-
 void make_and_reply(fuse_req_t req, Op op, fuse_ino_t parent, const char* name, mode_t mode,
                     fuse_file_info* fi) {
   guarded(req, op, [&](LazyFs& fs) {
@@ -632,16 +631,16 @@ void make_and_reply(fuse_req_t req, Op op, fuse_ino_t parent, const char* name, 
     const fuse_ctx* ctx = fuse_req_ctx(req);
     const bool dir = S_ISDIR(mode);
     if (!dir && !S_ISREG(mode)) return reply_err(fs, op, req, EPERM);  // no devices, fifos
-    std::shared_ptr<UniqueFd> fd;
+    std::shared_ptr<LocalFile> local;
     if (!dir) {
       int err;
-      fd = make_local_file(fs.options().local_dir, err);
-      if (!fd) return reply_err(fs, op, req, err);
+      local = fs.options().local_files->create(err);
+      if (!local) return reply_err(fs, op, req, err);
     }
     NodeView v;
     int err = fs.tree().make_node(parent, name, dir ? Node::Kind::kDir : Node::Kind::kLocal,
                                   (mode & S_IFMT) | (mode & 07777 & ~ctx->umask), ctx->uid,
-                                  ctx->gid, fd, v);
+                                  ctx->gid, local, v);
     if (err) return reply_err(fs, op, req, err);
     fuse_entry_param e{};
     e.ino = v.ino;

@@ -45,8 +45,8 @@ class ReplyTable {
 
 struct FsOptions {
   bool read_only = false;
-  double attr_timeout = 10.0;       // seconds the kernel may cache attributes
-  std::filesystem::path local_dir;  // backing files of files created in the mount
+  double attr_timeout = 10.0;               // seconds the kernel may cache attributes
+  std::shared_ptr<LocalFiles> local_files;  // backing files of files created in the mount
   // The largest read-ahead the kernel may ask of us. A page fault in a mapped
   // file makes the kernel read this much around the page, and each such read
   // must be fetched whole before the fault is answered; sequential readers do

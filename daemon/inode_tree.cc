@@ -122,7 +122,7 @@ NodeView InodeTree::view_locked(const Node& n) const {
   v.nlink = n.nlink;
   v.file_id = n.file_id;
   v.source_path = n.source_path;
-  v.local_fd = n.local_fd;
+  v.local = n.local;
   v.children = n.children.size();
   return v;
 }
@@ -197,7 +197,7 @@ void InodeTree::forget(fuse_ino_t ino, uint64_t count) {
 void InodeTree::drop_if_unused_locked(Node& n) {
   if (n.ino == FUSE_ROOT_ID || n.nlookup > 0) return;
   const bool unnamed = n.kind == Node::Kind::kDir ? n.nlink <= 1 : n.nlink == 0;
-  if (unnamed) nodes_.erase(n.ino);  // a local file's backing fd closes with it
+  if (unnamed) nodes_.erase(n.ino);  // a local file's backing file goes with it
 }
 
 bool InodeTree::list(fuse_ino_t dir, std::vector<DirEntry>& out) const {
@@ -212,7 +212,7 @@ bool InodeTree::list(fuse_ino_t dir, std::vector<DirEntry>& out) const {
 }
 
 int InodeTree::make_node(fuse_ino_t parent, const std::string& name, Node::Kind kind, uint32_t mode,
-                         uint32_t uid, uint32_t gid, std::shared_ptr<UniqueFd> local_fd,
+                         uint32_t uid, uint32_t gid, std::shared_ptr<LocalFile> local,
                          NodeView& out) {
   if (name.empty() || name.size() > NAME_MAX || name.find('/') != std::string::npos ||
       name == "." || name == "..") {
@@ -229,7 +229,7 @@ int InodeTree::make_node(fuse_ino_t parent, const std::string& name, Node::Kind 
   n.uid = uid;
   n.gid = gid;
   n.owner_set = n.times_set = true;
-  n.local_fd = std::move(local_fd);
+  n.local = std::move(local);
   n.nlookup = 1;
   dir->children[name] = n.ino;
   if (kind == Node::Kind::kDir) ++dir->nlink;

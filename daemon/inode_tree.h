@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "lazyfs/catalog.h"
-#include "lazyfs/fileio.h"
+#include "local_files.h"
 
 namespace lazyfs::fs {
 
@@ -54,7 +54,7 @@ struct Node {
   std::map<std::string, fuse_ino_t> children;  // directories only
   uint32_t file_id = kNoFile;                  // kServed: the engine's (and catalog's) index
   std::string source_path;                     // kServed: the path on the source
-  std::shared_ptr<UniqueFd> local_fd;          // kLocal: the backing file
+  std::shared_ptr<LocalFile> local;            // kLocal: the backing file
 };
 
 // A copy of what getattr and friends need, taken under the lock.
@@ -72,7 +72,7 @@ struct NodeView {
   uint32_t nlink = 1;
   uint32_t file_id = kNoFile;
   std::string source_path;
-  std::shared_ptr<UniqueFd> local_fd;
+  std::shared_ptr<LocalFile> local;
   size_t children = 0;
 };
 
@@ -109,7 +109,7 @@ class InodeTree {
 
   // Local changes; each returns 0 or a positive errno.
   int make_node(fuse_ino_t parent, const std::string& name, Node::Kind kind, uint32_t mode,
-                uint32_t uid, uint32_t gid, std::shared_ptr<UniqueFd> local_fd, NodeView& out);
+                uint32_t uid, uint32_t gid, std::shared_ptr<LocalFile> local, NodeView& out);
   int unlink(fuse_ino_t parent, const std::string& name, bool dir);
   int rename(fuse_ino_t parent, const std::string& name, fuse_ino_t new_parent,
              const std::string& new_name, unsigned flags);

@@ -127,7 +127,7 @@ namespace {
 // Raises the soft limit on open files to the hard one, as daemons that hold
 // many files do: the default soft limit (1,024) is kept low for programs
 // that still use select(), which lazyfs does not. The cache keeps a quarter
-// of the limit open; each file created in the mount holds one descriptor.
+// of the limit open, and as many of the files created in the mount.
 void raise_open_file_limit() {
   rlimit rl{};
   if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
@@ -432,33 +433,75 @@ TEST_CASE("a detached mount logs from its start, and warnings reach the terminal
   CHECK_THAT(log, Catch::Contains("info mount: unmounted "));
 }
 
-TEST_CASE("the daemon raises its open-file limit: files made in the mount each hold one",
-          "[mount]") {
+TEST_CASE("the daemon raises its soft open-file limit to the hard one", "[mount]") {
+  ScratchDir dir("limit");
+  const auto images = dir.path() / "images";
+  copy_fixture(images);
+  populate_source(Catalog::load(images), dir.path() / "source");
+  LazyfsMount mount(dir.path() / "mnt", images, "file://" + (dir.path() / "source").string(),
+                    {"--cache-dir", (dir.path() / "cache").string()},
+                    {"prlimit", "--nofile=128:4096", "--"});
+  rlimit rl{};
+  REQUIRE(::prlimit(mount.pid(), RLIMIT_NOFILE, nullptr, &rl) == 0);
+  CHECK(rl.rlim_cur == 4096);
+}
+
+TEST_CASE("files made in the mount may outnumber the descriptors the daemon may hold", "[mount]") {
   ScratchDir dir("manymade");
   const auto images = dir.path() / "images";
   const auto source = dir.path() / "source";
   copy_fixture(images);
   populate_source(Catalog::load(images), source);
-  // Soft limit 128, hard 4096: 300 files made in the mount need the daemon
-  // to raise its soft limit.
+  // At most 64 descriptors: the daemon keeps 16 of its files made here open
+  // (a quarter of the limit) and reopens the others when they are used.
+  constexpr int kFiles = 400;
   LazyfsMount mount(dir.path() / "mnt", images, "file://" + source.string(),
                     {"--cache-dir", (dir.path() / "cache").string()},
-                    {"prlimit", "--nofile=128:4096", "--"});
+                    {"prlimit", "--nofile=64:64", "--"});
   const auto work = mount.at("/srv/lazyfs-fixture-a/work");
-  for (int i = 0; i < 300; ++i) {
-    const auto path = fmt::format("{}/made-{:03}.txt", work.string(), i);
-    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_EXCL, 0644);
-    INFO(path << ": " << std::strerror(errno));
+  const auto name = [&](int i) { return fmt::format("{}/made-{:03}.txt", work.string(), i); };
+  const auto daemon_fds = [&] {
+    const auto fd_dir = fmt::format("/proc/{}/fd", mount.pid());
+    return std::distance(std::filesystem::directory_iterator(fd_dir),
+                         std::filesystem::directory_iterator());
+  };
+  for (int i = 0; i < kFiles; ++i) {
+    int fd = ::open(name(i).c_str(), O_CREAT | O_WRONLY | O_EXCL, 0644);
+    INFO(name(i) << ": " << std::strerror(errno));
     REQUIRE(fd >= 0);
-    const auto text = std::to_string(i);
+    const auto text = std::string(static_cast<size_t>(i + 1), static_cast<char>('a' + i % 26));
     CHECK(::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
     ::close(fd);
   }
-  for (int i = 0; i < 300; i += 37) {
-    const auto bytes = read_file(fmt::format("{}/made-{:03}.txt", work.string(), i));
-    CHECK(std::string(bytes.begin(), bytes.end()) == std::to_string(i));
+  CHECK(daemon_fds() < 64);
+  // Every one reads back whole, sizes and bytes, the first ones long closed.
+  for (int i = 0; i < kFiles; ++i) {
+    INFO(name(i));
+    CHECK(std::filesystem::file_size(name(i)) == static_cast<uintmax_t>(i + 1));
+    const auto bytes = read_file(name(i));
+    CHECK(bytes ==
+          std::vector<uint8_t>(static_cast<size_t>(i + 1), static_cast<uint8_t>('a' + i % 26)));
+  }
+  // Appending to a closed one, and truncating another.
+  {
+    std::ofstream(name(0), std::ios::app) << "z";
+    CHECK(read_file(name(0)) == std::vector<uint8_t>{'a', 'z'});
+    std::filesystem::resize_file(name(1), 1);
+    CHECK(std::filesystem::file_size(name(1)) == 1);
   }
   CHECK(mount.status()["errors"] == 0);
+  // The backing files go with the files.
+  const auto local = dir.path() / "cache" / "local";
+  const auto backing = [&] {
+    size_t n = 0;
+    for (const auto& e : std::filesystem::recursive_directory_iterator(local)) {
+      n += e.is_regular_file();
+    }
+    return n;
+  };
+  CHECK(backing() == kFiles);
+  for (int i = 0; i < kFiles; ++i) std::filesystem::remove(name(i));
+  CHECK(eventually([&] { return backing() == 0; }));
 }
 
 TEST_CASE("a detached mount whose log file cannot be opened fails with one line", "[mount]") {

@@ -2,8 +2,10 @@
 // directories that clean up after themselves, and running the lazyfs command.
 #pragma once
 
+#include <chrono>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace lazyfs::test {
@@ -40,5 +42,15 @@ struct CommandResult {
 CommandResult run_program(const std::string& program, const std::vector<std::string>& args);
 // Runs build/bin/lazyfs with `args`.
 CommandResult run_lazyfs(const std::vector<std::string>& args);
+
+// Polls `pred` every 5 ms for up to `limit`.
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < limit;) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return pred();
+}
 
 }  // namespace lazyfs::test

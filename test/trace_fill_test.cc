@@ -13,6 +13,7 @@
 
 using namespace lazyfs;
 using namespace std::chrono_literals;
+using lazyfs::test::eventually;
 using lazyfs::test::FakeSource;
 using lazyfs::test::ScratchDir;
 
@@ -22,16 +23,6 @@ constexpr uint64_t kBlock = 64 << 10;
 
 void write_text(const std::filesystem::path& file, const std::string& text) {
   std::ofstream(file) << text;
-}
-
-// Polls `pred` for up to `limit`.
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 20s) {
-  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < limit;) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
 }
 
 struct FillRig {
