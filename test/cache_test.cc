@@ -1249,6 +1249,60 @@ TEST_CASE("cache: flush_all commits many files in batches that reopen intact", "
   }
 }
 
+TEST_CASE("cache: flush_all writes first maps in place, and a torn one starts its file cold",
+          "[cache]") {
+  constexpr int kFiles = 8;
+  const auto name = [](int i) { return "/srv/f" + std::to_string(i); };
+  ScratchDir scratch("cache");
+  auto dir = scratch.path() / "c";
+  Status st;
+  auto cache = BlockCache::open(dir, kCheckpoint, st);
+  require_ok(st);
+  std::vector<fs::path> maps;
+  for (int i = 0; i < kFiles; ++i) {
+    auto* f = cache->file(name(i), 4096, st);
+    require_ok(st);
+    require_ok(f->write_fetched(0, fetched(0, 4096)));
+    maps.push_back(dir / (cache->stem(name(i)) + ".map"));
+    REQUIRE_FALSE(fs::exists(maps.back()));
+  }
+  // Where a crash tore a first map, a new flush finds the file there: it
+  // replaces it through a temporary file, like any later map.
+  lazyfs::test::write_bytes(maps[1], {'L', 'Z', 'F', 'S'});
+  require_ok(cache->flush_all());
+  struct stat first {};
+  REQUIRE(::stat(maps[0].c_str(), &first) == 0);
+  // A later map replaces the first one (a rename: a new inode).
+  require_ok(cache->file(name(0), 4096, st)->write_local(0, local(0, 10)));
+  require_ok(cache->flush_all());
+  struct stat second {};
+  REQUIRE(::stat(maps[0].c_str(), &second) == 0);
+  CHECK(second.st_ino != first.st_ino);
+  for (const auto& e : fs::directory_iterator(dir)) {
+    CHECK(e.path().extension() != ".tmp-lazyfs");
+  }
+  cache.reset();
+
+  // A crash while the first maps were written: one empty, one cut short.
+  fs::resize_file(maps[2], 0);
+  fs::resize_file(maps[3], fs::file_size(maps[3]) / 2);
+  cache = BlockCache::open(dir, kCheckpoint, st);
+  require_ok(st);
+  for (int i = 0; i < kFiles; ++i) {
+    auto* f = cache->file(name(i), 4096, st);
+    require_ok(st);
+    INFO("file " << i);
+    if (i == 2 || i == 3) {
+      CHECK(f->present_set().empty());  // cold, never wrong
+    } else {
+      CHECK(f->wholly_present());
+      CHECK(f->local_set().ranges() ==
+            (i == 0 ? std::vector<Range>{{0, 10}} : std::vector<Range>{}));
+    }
+    check_claims(*f);
+  }
+}
+
 TEST_CASE("cache: a crash at each step of a batched flush leaves truthful maps", "[cache]") {
   constexpr int kFiles = 20;
   const auto name = [](int i) { return "/srv/f" + std::to_string(i); };

@@ -150,9 +150,12 @@ TEST_CASE("fill: complete only once the cache's maps on disk say so", "[fill]") 
 
 TEST_CASE("fill: a cache that cannot be made durable stops it with the reason", "[fill]") {
   FillRig rig(3, std::chrono::hours(1));
-  // A directory where /f1's new map would be written first.
-  const auto blocker = rig.dir.path() / "cache" / (rig.cache->stem("/f1") + ".map.tmp-lazyfs");
-  std::filesystem::create_directory(blocker);
+  // Once /f1's cache is open: directories where its first map would be
+  // written, and where its temporary map would be, as one is in the way.
+  REQUIRE(eventually([&] { return rig.engine->cache_file(rig.ids[1]) != nullptr; }));
+  for (const char* suffix : {".map", ".map.tmp-lazyfs"}) {
+    std::filesystem::create_directory(rig.dir.path() / "cache" / (rig.cache->stem("/f1") + suffix));
+  }
   BackgroundFill fill(*rig.engine, {});
   REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
   CHECK(fill.progress().state == FillState::kFailed);

@@ -909,17 +909,27 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   }
   flush_step(cache_hooks::FlushStep::kDataSynced);
 
-  // Then the maps: each written to a temporary file, a second syncfs makes
-  // them all durable, each renamed over the old one, and a third syncfs
-  // makes the renames durable. A crash leaves each file's old map or its new
-  // one, never a torn one (where rename is atomic), so a file that was wholly
-  // local stays so; one syncfs per step instead of an fsync per file.
-  std::vector<std::filesystem::path> tmps(pending.size());
+  // Then the maps. A file's first map is written where it belongs: a crash
+  // can tear it, but a torn map fails its checksum and is discarded, so the
+  // file starts cold, never wrong. A map that replaces another is written to
+  // a temporary file and renamed over the old one, so a crash leaves the old
+  // map or the new one (where rename is atomic), and a file that was wholly
+  // local stays so. A second syncfs makes the written maps durable, a third
+  // the renames (if any); one syncfs per step instead of an fsync per file.
+  // A fill of many small files writes only first maps: one inode each and
+  // no rename.
+  std::vector<std::filesystem::path> tmps(pending.size());  // empty: written in place
+  bool renames = false;
   for (size_t i = 0; i < pending.size(); ++i) {
     Pending& p = pending[i];
-    tmps[i] = p.file->map_path_;
-    tmps[i] += ".tmp-lazyfs";
-    UniqueFd fd(::open(tmps[i].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
+    UniqueFd fd(
+        ::open(p.file->map_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode));
+    if (!fd && errno == EEXIST) {
+      tmps[i] = p.file->map_path_;
+      tmps[i] += ".tmp-lazyfs";
+      renames = true;
+      fd = UniqueFd(::open(tmps[i].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
+    }
     if (!fd) {
       fail(p, last_errno(), "cache map write");
     } else if (auto ec = pwrite_all(fd.get(), p.map.data(), p.map.size(), 0)) {
@@ -934,12 +944,15 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   }
   for (size_t i = 0; i < pending.size(); ++i) {
     Pending& p = pending[i];
-    if (p.status.ok() && ::rename(tmps[i].c_str(), p.file->map_path_.c_str()) != 0) {
+    // A first map that failed is removed: it may be torn.
+    const auto& written = tmps[i].empty() ? p.file->map_path_ : tmps[i];
+    if (p.status.ok() && !tmps[i].empty() &&
+        ::rename(tmps[i].c_str(), p.file->map_path_.c_str()) != 0) {
       fail(p, last_errno(), "cache map rename");
     }
-    if (!p.status.ok()) ::unlink(tmps[i].c_str());
+    if (!p.status.ok()) ::unlink(written.c_str());
   }
-  if (::syncfs(dir_fd.get()) != 0) {
+  if (renames && ::syncfs(dir_fd.get()) != 0) {
     const auto ec = last_errno();
     for (auto& p : pending) {
       if (p.status.ok()) fail(p, ec, "cache map sync for");

@@ -154,7 +154,9 @@ void BackgroundFill::run() {
   // Complete means the source is no longer needed, also after a crash: the
   // cache's maps must say so on disk first.
   lock.unlock();
+  const auto flush_start = Clock::now();
   Status flushed = engine_.flush_cache();
+  const double flush_s = std::chrono::duration<double>(Clock::now() - flush_start).count();
   lock.lock();
   if (progress_.state != FillState::kRunning) return;
   if (!flushed.ok()) {
@@ -164,7 +166,7 @@ void BackgroundFill::run() {
     return;
   }
   progress_.state = FillState::kComplete;
-  log::info("fill", "complete bytes={}", progress_.requested);
+  log::info("fill", "complete bytes={} flush_s={:.3f}", progress_.requested, flush_s);
 }
 
 // Waits for the file's validation (done at mount start, or now); false,

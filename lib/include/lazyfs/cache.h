@@ -14,7 +14,9 @@
 // by the caller (the engine flushes on a timer and at shutdown), not done
 // per block; flush_all() does many files at a time, with a syncfs of the
 // file system in place of each step's fsync per file (data; new maps;
-// renames).
+// renames). There a file's first map is written in place instead: a crash
+// may tear it, but a torn map fails its checksum and is discarded (the file
+// starts cold, never wrong).
 //
 // Locally written bytes are the file's truth: a fetch that lands later never
 // overwrites them.
@@ -177,8 +179,9 @@ class BlockCache {
 
   // Flushes every file as flush() does, in batches that share the costly
   // steps: one syncfs makes the batch's data durable, one its new maps
-  // (temporary files), one their renames, instead of an fsync per file for
-  // each. The first failure is returned; the other files are still flushed.
+  // (first maps in place, the others in temporary files), one the renames
+  // of those (if any), instead of an fsync per file for each. The first
+  // failure is returned; the other files are still flushed.
   Status flush_all();
   const std::filesystem::path& dir() const { return dir_; }
   size_t max_open_files() const { return max_open_; }
