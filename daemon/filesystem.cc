@@ -34,7 +34,11 @@ nlohmann::json fill_json(BackgroundFill* fill) {
   nlohmann::json j{{"enabled", true},
                    {"state", fill_state_name(p.state)},
                    {"rate_bytes_s", p.rate},
-                   {"requested_bytes", p.requested}};
+                   {"requested_bytes", p.requested},
+                   {"alongside", p.alongside}};
+  // --fill-alongside auto: what its last trials of each way measured.
+  if (p.reads_per_s_pausing > 0) j["reads_per_s_pausing"] = p.reads_per_s_pausing;
+  if (p.reads_per_s_alongside > 0) j["reads_per_s_alongside"] = p.reads_per_s_alongside;
   if (!p.error.empty()) j["error"] = p.error;
   return j;
 }
@@ -312,6 +316,7 @@ void Filesystem::Impl::start_extras() {
     FillOptions fill_options;
     fill_options.rate = options.fill_rate;
     fill_options.alongside = options.fill_alongside;
+    fill_options.adapt = options.fill_adapt;
     fill_options.first = trace_order;
     fill = std::make_unique<BackgroundFill>(*engine, fill_options);
     extras.fill = fill.get();

@@ -172,6 +172,7 @@ int run_mount(const MountOptions& options, const Catalog& catalog,
   fo.fill = options.fill;
   fo.fill_rate = options.fill_rate;
   fo.fill_alongside = options.fill_alongside;
+  fo.fill_adapt = options.fill_adapt;
   fo.record_trace = options.record_trace;
   fo.trace_seconds = options.trace_seconds;
   fo.prefetch = options.prefetch;

@@ -44,6 +44,7 @@ struct MountOptions {
   bool fill = false;                      // fetch everything in the background
   uint64_t fill_rate = 0;                 // bytes per second, 0: no cap
   uint64_t fill_alongside = 0;            // bytes in flight while readers miss
+  bool fill_adapt = false;                // ... only while that serves them as fast
   std::filesystem::path record_trace;     // write the first reads here
   std::chrono::seconds trace_seconds{60};
   std::vector<TraceRecord> prefetch;           // blocks to fetch right after mount

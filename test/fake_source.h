@@ -108,7 +108,12 @@ class FakeSource : public Source {
       size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_, end - at));
       for (size_t i = 0; i < n; ++i) buf[i] = pattern_byte(at + i);
       counters_.bytes_read += n;
-      if (chunk_delay_.count() > 0) std::this_thread::sleep_for(chunk_delay_);
+      if (chunk_delay_.count() > 0) {
+        // A shared link carries one chunk at a time.
+        std::unique_lock link(link_mutex_, std::defer_lock);
+        if (shared_link_) link.lock();
+        std::this_thread::sleep_for(chunk_delay_);
+      }
       if (at + n >= end) active.end();
       sink(at, std::span<const std::byte>(buf.data(), n));
       at += n;
@@ -121,12 +126,14 @@ class FakeSource : public Source {
     return {};
   }
 
-  // Records how many ranges each call carried, then reads them one by one.
+  // Records how many ranges each call carried, then reads them one by one
+  // (after the call's round trip, if set: a pipelined batch pays one).
   void read_many(std::span<const ReadRange> ranges, const ReadDone& done) override {
     {
       std::lock_guard lock(mutex_);
       batches_.push_back(ranges.size());
     }
+    if (call_delay_.count() > 0) std::this_thread::sleep_for(call_delay_);
     Source::read_many(ranges, done);
   }
   // Paths stat'ed, in order.
@@ -168,6 +175,12 @@ class FakeSource : public Source {
   }
   // Every chunk takes this long to arrive: a slow link. Set before reads start.
   void set_chunk_delay(std::chrono::microseconds delay) { chunk_delay_ = delay; }
+  // With a chunk delay: one link that carries one chunk at a time, whoever
+  // reads, instead of one per read. Set before reads start.
+  void set_shared_link(bool shared) { shared_link_ = shared; }
+  // Every read_many() call first waits this long: a round trip. Set before
+  // reads start.
+  void set_call_delay(std::chrono::microseconds delay) { call_delay_ = delay; }
   // The next `n` reads or stats fail with `status`.
   void fail_next(unsigned n, Status status) {
     std::lock_guard lock(mutex_);
@@ -217,6 +230,9 @@ class FakeSource : public Source {
   size_t chunks_delivered_ = 0;
   unsigned failures_left_ = 0;
   std::chrono::microseconds chunk_delay_{0};
+  std::chrono::microseconds call_delay_{0};
+  bool shared_link_ = false;
+  std::mutex link_mutex_;
   std::atomic<unsigned> active_{0};
   std::atomic<unsigned> max_active_{0};
   std::atomic<uint64_t> active_bytes_{0};

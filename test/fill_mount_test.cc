@@ -58,11 +58,11 @@ uint64_t present(const nlohmann::json& st) {
 
 TEST_CASE("with --fill every file becomes local and status --wait returns 0", "[mount][fill]") {
   // --fill-alongside implies --fill.
-  const bool alongside = GENERATE(false, true);
-  INFO((alongside ? "--fill-alongside 1M" : "--fill"));
+  const std::string alongside = GENERATE("", "1M", "auto");
+  INFO((alongside.empty() ? "--fill" : "--fill-alongside " + alongside));
   Rig rig;
-  rig.start_file(alongside ? std::vector<std::string>{"--fill-alongside", "1M"}
-                           : std::vector<std::string>{"--fill"});
+  rig.start_file(!alongside.empty() ? std::vector<std::string>{"--fill-alongside", alongside}
+                                    : std::vector<std::string>{"--fill"});
   auto r = run_lazyfs({"status", "--wait", rig.mnt.string()});
   INFO(r.err);
   REQUIRE(r.status == 0);
@@ -70,6 +70,9 @@ TEST_CASE("with --fill every file becomes local and status --wait returns 0", "[
   auto st = rig.mount->status();
   CHECK(st["complete"] == true);
   CHECK(st["fill"]["state"] == "complete");
+  // Running beside missing readers: always with a size; with auto, only once
+  // a trial found it faster (no reader here, so no trial).
+  CHECK(st["fill"]["alongside"] == (alongside == "1M"));
   const auto fetched = st["fetched_bytes"].get<uint64_t>();
   CHECK(fetched == st["total_bytes"].get<uint64_t>());
   // Byte-identical, and reading them fetches nothing more.
@@ -253,5 +256,6 @@ TEST_CASE("prefetch: a malformed trace is refused with its line, unknown files a
   r = run_lazyfs({"mount", "--cache-dir", rig.cache.string(), "--fill-alongside", "lots",
                   rig.mnt.string(), rig.images.string(), "file://" + rig.source.string()});
   CHECK(r.status == 2);
-  CHECK_THAT(r.err, Catch::Contains("--fill-alongside lots: need a size in bytes"));
+  CHECK_THAT(r.err,
+             Catch::Contains("--fill-alongside lots: need a size in bytes, e.g. 4M, or auto"));
 }

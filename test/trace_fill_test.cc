@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <fstream>
+#include <future>
 #include <thread>
 
 #include "fake_source.h"
@@ -332,4 +333,121 @@ TEST_CASE("fill: resumes after a restart without fetching again", "[fill]") {
   CHECK(fill.progress().state == FillState::kComplete);
   CHECK(rig.present() == rig.total());
   CHECK(rig.engine->stats().fetched_bytes == rig.total() - before);
+}
+
+namespace {
+
+// A checkpoint of many small files ("/s0000" ...), validated before a test
+// starts its fill.
+struct SmallFilesRig {
+  ScratchDir dir{"fill"};
+  std::shared_ptr<FakeSource> source = std::make_shared<FakeSource>(4);
+  std::unique_ptr<BlockCache> cache;
+  std::unique_ptr<FetchEngine> engine;
+  std::vector<FetchEngine::FileId> ids;
+
+  static std::string name(int i) { return fmt::format("/s{:04}", i); }
+
+  explicit SmallFilesRig(int files, uint64_t size = 1000) {
+    Status st;
+    cache = BlockCache::open(dir.path() / "cache", "ckpt", st);
+    REQUIRE(st.ok());
+    EngineOptions o;
+    o.block_size = kBlock;
+    engine = std::make_unique<FetchEngine>(source, *cache, o);
+    for (int i = 0; i < files; ++i) {
+      source->add(name(i), size);
+      ids.push_back(engine->add_file(name(i), size, S_IFREG | 0644));
+    }
+    engine->validate_all();
+    REQUIRE(eventually([&] { return !engine->validating(); }));
+  }
+
+  // A reader's read of the whole file `i`, waited for.
+  void read(int i) {
+    std::promise<Status> served;
+    engine->request(ids[static_cast<size_t>(i)], 0, 1000, Priority::kDemand,
+                    [&](const Status& st) { served.set_value(st); });
+    REQUIRE(served.get_future().get().ok());
+  }
+};
+
+size_t first_call_of(const std::vector<FakeSource::Call>& calls, const std::string& path) {
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (calls[i].path == path) return i;
+  }
+  return SIZE_MAX;
+}
+
+}  // namespace
+
+TEST_CASE("fill: a reader's miss makes it go on from the files after that one", "[fill]") {
+  SmallFilesRig rig(100);
+  rig.source->close_gate();
+  FillOptions o;
+  o.alongside = 2000;  // two files in flight while readers miss
+  BackgroundFill fill(*rig.engine, o);
+  // The fill's first files wait at the gate, the next two wait for room.
+  rig.source->wait_for_calls(1);
+  std::atomic<bool> served{false};
+  rig.engine->request(rig.ids[50], 0, 1000, Priority::kDemand, [&](const Status& st) {
+    CHECK(st.ok());
+    served = true;
+  });
+  REQUIRE(eventually(
+      [&] { return first_call_of(rig.source->calls(), SmallFilesRig::name(50)) != SIZE_MAX; }));
+  rig.source->open_gate();
+  REQUIRE(eventually([&] { return served.load(); }));
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kComplete);
+  const auto calls = rig.source->calls();
+  // What the reader reads next comes before what it passed; every file once.
+  CHECK(first_call_of(calls, SmallFilesRig::name(51)) <
+        first_call_of(calls, SmallFilesRig::name(4)));
+  CHECK(calls.size() == 100);
+  for (int i = 0; i < 100; ++i) {
+    CHECK(rig.engine->cache_file(rig.ids[static_cast<size_t>(i)])->wholly_present());
+  }
+}
+
+// Adapting: which way serves readers faster is measured, not assumed. Only
+// the choice is asserted, on sources where one way is several times faster.
+TEST_CASE("fill: --fill-alongside auto runs beside readers where that serves them faster",
+          "[fill]") {
+  // Each batch of reads costs a round trip and nothing else is shared: the
+  // fill, beside the reader, fetches the files it reads next.
+  SmallFilesRig rig(4000);
+  rig.source->set_call_delay(5ms);
+  FillOptions o;
+  o.alongside = 1 << 20;
+  o.adapt = true;
+  BackgroundFill fill(*rig.engine, o);
+  for (int i = 0; i < 4000 && fill.progress().reads_per_s_alongside == 0; i += 4) rig.read(i);
+  const auto p = fill.progress();
+  INFO("reads/s pausing " << p.reads_per_s_pausing << ", alongside " << p.reads_per_s_alongside);
+  CHECK(p.reads_per_s_pausing > 0);
+  CHECK(p.reads_per_s_alongside > p.reads_per_s_pausing);
+  CHECK(p.alongside);
+}
+
+TEST_CASE("fill: --fill-alongside auto pauses for readers where running beside slows them",
+          "[fill]") {
+  // One link carries every chunk, the reader's and the fill's; the reader
+  // reads backwards, so the fill never fetches what it reads next.
+  SmallFilesRig rig(3000);
+  rig.source->set_chunk_delay(1ms);
+  rig.source->set_shared_link(true);
+  FillOptions o;
+  o.alongside = 1 << 20;
+  o.adapt = true;
+  BackgroundFill fill(*rig.engine, o);
+  int i = 2999;
+  for (; i >= 0 && fill.progress().reads_per_s_alongside == 0; i -= 4) rig.read(i);
+  // The choice is made with that trial's rate; a few more reads see it held.
+  for (int k = 0; k < 8 && i >= 0; ++k, i -= 4) rig.read(i);
+  const auto p = fill.progress();
+  INFO("reads/s pausing " << p.reads_per_s_pausing << ", alongside " << p.reads_per_s_alongside);
+  CHECK(p.reads_per_s_alongside > 0);
+  CHECK(p.reads_per_s_pausing > p.reads_per_s_alongside);
+  CHECK_FALSE(p.alongside);
 }

@@ -26,6 +26,7 @@ struct FetchEngine::Waiter {
 struct FetchEngine::File {
   enum class State { kUnknown, kValidating, kReady, kStale };
 
+  FileId id = 0;
   std::string path;
   std::optional<uint64_t> recorded_size;
   std::optional<uint32_t> recorded_mode;
@@ -78,8 +79,11 @@ struct FetchEngine::Counters {
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> cache_hits{0};
   std::atomic<uint64_t> demand_misses{0};
+  std::atomic<uint64_t> demand_requests{0};
   std::atomic<int64_t> last_demand_miss_ns{0};  // steady_clock, since its epoch
-  std::atomic<int64_t> readers_waiting{0};      // parked demand completions
+  std::atomic<uint32_t> last_missed_file{0};
+  std::atomic<int64_t> readers_waiting{0};  // parked demand completions
+  std::atomic<int64_t> validating{0};       // files being validated
   std::atomic<uint64_t> inflight{0};
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> errors{0};
@@ -176,6 +180,7 @@ FetchEngine::FileId FetchEngine::add_file(const std::string& path,
                                           std::optional<uint64_t> recorded_size,
                                           std::optional<uint32_t> recorded_mode) {
   auto f = std::make_unique<File>();
+  f->id = static_cast<FileId>(files_.size());
   f->path = path;
   f->recorded_size = recorded_size;
   f->recorded_mode = recorded_mode;
@@ -228,6 +233,7 @@ void FetchEngine::validate_all(const std::vector<FileId>& first) {
     std::lock_guard lock(f.mutex);
     if (f.state != File::State::kUnknown) return;
     f.state = File::State::kValidating;
+    ++counters_->validating;
     into.push_back(&f);
   };
   std::vector<File*> todo;
@@ -312,6 +318,7 @@ void FetchEngine::run_stat_many(const std::shared_ptr<Job>& job) {
 
 void FetchEngine::start_validation(File& f) {
   f.state = File::State::kValidating;
+  ++counters_->validating;
   auto job = std::make_shared<Job>(Job::Kind::kStat, &f, Range{}, Priority::kDemand);
   job->deadline = Clock::now() + options_.retry_budget;
   job->backoff = options_.retry_initial;
@@ -329,6 +336,7 @@ void FetchEngine::on_validated(File& f, const Status& status, const SourceStat& 
     pending.swap(f.pending);
     info_waiters.swap(f.info_waiters);
     f.validation.reset();
+    if (f.state == File::State::kValidating) --counters_->validating;
     if (status.errnum() == ECANCELED) {
       // The engine is stopping: not an answer about the file.
       f.state = File::State::kUnknown;
@@ -413,6 +421,7 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
                                Completion done, std::vector<std::shared_ptr<Job>>& jobs) {
   File& f = *files_.at(id);
   ++counters_->requests;
+  if (priority == Priority::kDemand) ++counters_->demand_requests;
   std::unique_lock lock(f.mutex);
   switch (f.state) {
     case File::State::kReady:
@@ -479,7 +488,7 @@ void FetchEngine::request_validated(File& f, uint64_t offset, uint64_t length, P
         if (priority == Priority::kDemand) ++counters_->demand_misses;
         // A reader that needs a fetch nobody had started: background work
         // gives way. One that waits for bytes already on their way does not.
-        if (priority == Priority::kDemand && jobs.size() > planned) note_reader_waiting();
+        if (priority == Priority::kDemand && jobs.size() > planned) note_reader_waiting(f);
       }
       if (priority == Priority::kDemand) readahead_locked(f, offset, end, jobs);
     }
@@ -902,12 +911,25 @@ Done FetchEngine::parked(Priority priority, Done done) {
   };
 }
 
+FetchEngine::FileId FetchEngine::last_missed_file() const {
+  return counters_->last_missed_file.load(std::memory_order_relaxed);
+}
+
+bool FetchEngine::validating() const {
+  return counters_->validating.load(std::memory_order_relaxed) > 0;
+}
+
+uint64_t FetchEngine::demand_requests() const {
+  return counters_->demand_requests.load(std::memory_order_relaxed);
+}
+
 bool FetchEngine::readers_waiting() const {
   return counters_->readers_waiting.load(std::memory_order_relaxed) > 0;
 }
 
 // Background work gives way to readers for a while after this.
-void FetchEngine::note_reader_waiting() {
+void FetchEngine::note_reader_waiting(const File& f) {
+  counters_->last_missed_file.store(f.id, std::memory_order_relaxed);
   counters_->last_demand_miss_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                            std::chrono::steady_clock::now().time_since_epoch())
                                            .count(),
@@ -926,6 +948,7 @@ EngineStats FetchEngine::stats() const {
   s.requests = counters_->requests;
   s.cache_hits = counters_->cache_hits;
   s.demand_misses = counters_->demand_misses;
+  s.demand_requests = counters_->demand_requests;
   s.inflight = counters_->inflight;
   s.retries = counters_->retries;
   s.errors = counters_->errors;

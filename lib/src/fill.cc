@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 #include <algorithm>
 #include <set>
+#include <unordered_map>
 
 #include "lazyfs/log.h"
 
@@ -12,6 +13,17 @@ using Clock = std::chrono::steady_clock;
 
 // How often a paused fill looks again while a reader waits.
 constexpr auto kRecheck = std::chrono::milliseconds(10);
+
+// adapt()'s trials: the first kSettle of one is not measured (the other
+// way's requests drain); then it lasts kMinTrial and kMinReads reads, or
+// kMaxTrial. The way that lost is tried again after kInitialHold trials of
+// the winner, twice as many each time it loses again, up to kMaxHold.
+constexpr auto kSettle = std::chrono::milliseconds(50);
+constexpr auto kMinTrial = std::chrono::milliseconds(100);
+constexpr auto kMaxTrial = std::chrono::seconds(1);
+constexpr uint64_t kMinReads = 16;
+constexpr unsigned kInitialHold = 8;
+constexpr unsigned kMaxHold = 64;
 
 const char* fill_state_name(FillState state) {
   switch (state) {
@@ -41,6 +53,9 @@ BackgroundFill::BackgroundFill(FetchEngine& engine, FillOptions options)
   options_.chunk = std::min(options_.chunk, engine_.options().max_request);
   options_.chunk = std::max(bs, options_.chunk / bs * bs);
   max_bytes_in_flight_ = 2 * std::max(1u, engine.workers() - 1) * options_.chunk;
+  if (options_.alongside == 0) options_.adapt = false;
+  alongside_now_ = options_.alongside > 0 && !options_.adapt;
+  hold_ = kInitialHold;
   thread_ = std::thread([this] { run(); });
 }
 
@@ -56,6 +71,9 @@ BackgroundFill::~BackgroundFill() {
 FillProgress BackgroundFill::progress() const {
   std::lock_guard lock(mutex_);
   FillProgress p = progress_;
+  p.alongside = alongside_now_;
+  p.reads_per_s_pausing = published_rate_[0];
+  p.reads_per_s_alongside = published_rate_[1];
   const auto now = Clock::now();
   uint64_t bytes = 0;
   auto oldest = now;
@@ -113,20 +131,53 @@ void BackgroundFill::run() {
     group_bytes = 0;
     return ok;
   };
-  for (const auto& item : items) {
+  // Where each small file stands in the order: a reader that misses one
+  // makes the fill go on from the files after it (coming back for those it
+  // skipped once it reaches the last small file), so that running beside
+  // readers it fetches what they read next rather than what they passed.
+  std::unordered_map<FetchEngine::FileId, size_t> small_at;
+  for (size_t i = 0; i < items.size() && items[i].size <= options_.small_file; ++i) {
+    small_at.emplace(items[i].id, i);
+  }
+  const size_t n_small = small_at.size();  // items[0, n_small) are the small files
+  size_t small_left = n_small;
+  size_t left = items.size();
+  std::vector<bool> visited(items.size());
+  size_t cursor = 0;
+  auto seen_miss = engine_.last_demand_miss();
+  const auto next_item = [&]() -> const Item* {
+    if (left == 0) return nullptr;
+    if (const auto miss = engine_.last_demand_miss(); miss != seen_miss) {
+      seen_miss = miss;
+      if (auto it = small_at.find(engine_.last_missed_file()); it != small_at.end()) {
+        cursor = it->second + 1;
+      }
+    }
+    // The small files first, then the large ones.
+    const size_t begin = small_left > 0 ? 0 : n_small;
+    const size_t end = small_left > 0 ? n_small : items.size();
+    if (cursor < begin || cursor >= end) cursor = begin;
+    while (visited[cursor]) cursor = cursor + 1 < end ? cursor + 1 : begin;
+    visited[cursor] = true;
+    --left;
+    if (cursor < n_small) --small_left;
+    return &items[cursor++];
+  };
+  while (const Item* next = next_item()) {
+    const Item& item = *next;
     if (item.size <= options_.small_file) {
       // One request per file, validated on the way; the engine skips what
       // is there.
       CacheFile* cache = engine_.cache_file(item.id);
       if (cache && cache->present({0, cache->size()})) continue;
       const bool missing = readers_missing();
-      if (missing && options_.alongside == 0) {
+      const uint64_t alongside = alongside_budget();
+      if (missing && alongside == 0) {
         ok = send_group() && pause_for_readers() && issue({{item.id, 0, item.size}});
       } else {
         group.push_back({item.id, 0, item.size});
         group_bytes += item.size;
-        const uint64_t limit =
-            missing ? std::min(options_.chunk, options_.alongside) : options_.chunk;
+        const uint64_t limit = missing ? std::min(options_.chunk, alongside) : options_.chunk;
         if (group.size() >= kRequestsPerWorker || group_bytes >= limit) send_group();
       }
     } else if (send_group()) {
@@ -205,11 +256,12 @@ bool BackgroundFill::fill_range(FetchEngine::FileId id, uint64_t offset, uint64_
   const uint64_t bs = engine_.options().block_size;
   while (length > 0) {
     const bool missing = readers_missing();
-    if (missing && options_.alongside == 0 && !pause_for_readers()) return false;
+    const uint64_t alongside = alongside_budget();
+    if (missing && alongside == 0 && !pause_for_readers()) return false;
     uint64_t n = length;
-    if (missing && options_.alongside == 0) n = std::min(length, bs - offset % bs);
-    if (missing && options_.alongside > 0) {
-      n = std::min(length, std::max(bs, options_.alongside / bs * bs) - offset % bs);
+    if (missing && alongside == 0) n = std::min(length, bs - offset % bs);
+    if (missing && alongside > 0) {
+      n = std::min(length, std::max(bs, alongside / bs * bs) - offset % bs);
     }
     if (!issue({{id, offset, n}})) return false;
     offset += n;
@@ -230,8 +282,11 @@ bool BackgroundFill::pause_for_readers() {
     auto quiet_at = std::max(engine_.last_demand_miss(), started_) + options_.yield_after;
     // A reader still waiting (for a fetch or a validation) is checked on.
     if (engine_.readers_waiting()) quiet_at = std::max(quiet_at, Clock::now() + kRecheck);
-    if (Clock::now() >= quiet_at) break;
-    cv_.wait_until(lock, std::min(quiet_at, limit));
+    if (Clock::now() >= quiet_at || alongside_budget() > 0) break;
+    // Adapting, it looks often: a trial may end.
+    cv_.wait_until(lock,
+                   std::min({quiet_at, limit,
+                             options_.adapt ? Clock::now() + kRecheck : Clock::time_point::max()}));
   }
   return !stop_ && progress_.state == FillState::kRunning;
 }
@@ -243,6 +298,77 @@ bool BackgroundFill::readers_missing() const {
   if (engine_.readers_waiting()) return true;
   const auto since = std::max(engine_.last_demand_miss(), started_);
   return Clock::now() - since < options_.yield_after;
+}
+
+// The bytes the fill may keep in flight while readers are missing: 0 while
+// it pauses for them.
+uint64_t BackgroundFill::alongside_budget() {
+  adapt();
+  return alongside_now_ ? options_.alongside : 0;
+}
+
+// Adapting, the fill finds out which way of giving way to missing readers
+// serves them faster: pausing (which leaves them the link, the CPUs and the
+// source) or running beside them (which, where a miss waits mostly for the
+// link's round trip, uses what lies idle meanwhile, and may fetch the files
+// they read next). It runs each way in turn for a trial, measuring the
+// readers' reads per second (the engine's demand requests, cache hits
+// included), and keeps the faster; ties go to pausing. The slower way is
+// tried again now and then (see kInitialHold), so that a change is noticed,
+// at a small cost while it loses. A trial counts only while readers are
+// missing throughout. Called often, on the fill's thread.
+void BackgroundFill::adapt() {
+  if (!options_.adapt) return;
+  const auto now = Clock::now();
+  const uint64_t reads = engine_.demand_requests();
+  // Missing readers, not the fill's first moments (which readers_missing()
+  // counts as such); and not while files are validated (at mount), when
+  // readers wait for that whatever the fill does.
+  if ((!engine_.readers_waiting() && now - engine_.last_demand_miss() >= options_.yield_after) ||
+      engine_.validating()) {
+    trial_.start = {};  // the trial says nothing
+    return;
+  }
+  if (trial_.start == Clock::time_point{}) {
+    trial_ = {alongside_now_, now, now, reads, false};
+    return;
+  }
+  if (!trial_.measuring) {
+    if (now - trial_.start < kSettle) return;
+    trial_.measuring = true;
+    trial_.from = now;
+    trial_.reads_at = reads;
+    return;
+  }
+  const auto span = now - trial_.from;
+  const uint64_t n = reads - trial_.reads_at;
+  if (span < kMinTrial || (n < kMinReads && span < kMaxTrial)) return;
+
+  const int way = trial_.alongside ? 1 : 0;
+  rate_[way] = static_cast<double>(n) / std::chrono::duration<double>(span).count();
+  published_rate_[way] = rate_[way];
+  known_[way] = true;
+  bool next = best_;
+  if (!known_[1 - way]) {
+    next = !trial_.alongside;  // the first trial of the other way
+  } else if (trial_.alongside != best_) {
+    // The other way was tried: it wins, or waits longer for its next try.
+    const bool winner = rate_[1] > rate_[0];
+    if (winner != best_) {
+      best_ = winner;
+      hold_ = kInitialHold;
+    } else {
+      hold_ = std::min(2 * hold_, kMaxHold);
+    }
+    log::info("fill", "{} readers reads_per_s_pausing={:.0f} reads_per_s_alongside={:.0f}",
+              best_ ? "running beside" : "pausing for", rate_[0], rate_[1]);
+    held_ = 0;
+    next = best_;
+  } else if (++held_ >= hold_) {
+    next = !best_;
+  }
+  alongside_now_ = next;
+  trial_ = {next, now, now, reads, false};
 }
 
 // Sends requests once the pace allows and the fill's requests in flight
@@ -257,7 +383,8 @@ bool BackgroundFill::issue(const std::vector<Piece>& pieces) {
   const auto room = [&] {
     if (in_flight_ == 0) return true;
     if (readers_missing()) {
-      return options_.alongside > 0 && in_flight_bytes_ + bytes <= options_.alongside;
+      const uint64_t alongside = alongside_budget();
+      return alongside > 0 && in_flight_bytes_ + bytes <= alongside;
     }
     return in_flight_ + pieces.size() <= max_in_flight_ &&
            in_flight_bytes_ + bytes <= max_bytes_in_flight_;

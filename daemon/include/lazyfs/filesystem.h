@@ -37,6 +37,7 @@ struct FilesystemOptions {
   bool fill = false;                      // fetch everything in the background
   uint64_t fill_rate = 0;                 // its bytes per second; 0: no cap
   uint64_t fill_alongside = 0;            // its bytes in flight while readers miss
+  bool fill_adapt = false;                // ... only while that serves them as fast
   std::filesystem::path record_trace;     // record the first reads here
   std::chrono::seconds trace_seconds{60};
   std::vector<TraceRecord> prefetch;  // fetch these blocks right after mounting

@@ -75,12 +75,13 @@ struct FileInfo {
 
 // Totals, for `lazyfs status` and the benchmarks.
 struct EngineStats {
-  uint64_t fetched_bytes = 0;   // payload received from the source
-  uint64_t fetch_requests = 0;  // source read requests completed
-  uint64_t requests = 0;        // request() calls
-  uint64_t cache_hits = 0;      // request() calls with every byte present
-  uint64_t demand_misses = 0;   // demand request() calls that had to wait for a fetch
-  uint64_t inflight = 0;        // source requests queued or running
+  uint64_t fetched_bytes = 0;    // payload received from the source
+  uint64_t fetch_requests = 0;   // source read requests completed
+  uint64_t requests = 0;         // request() calls
+  uint64_t cache_hits = 0;       // request() calls with every byte present
+  uint64_t demand_misses = 0;    // demand request() calls that had to wait for a fetch
+  uint64_t demand_requests = 0;  // demand request() calls (readers' reads), hits included
+  uint64_t inflight = 0;         // source requests queued or running
   uint64_t retries = 0;
   uint64_t errors = 0;         // source requests given up on
   uint64_t latency_count = 0;  // completed source requests, and their
@@ -171,8 +172,15 @@ class FetchEngine {
   // readers are missing. Waiting for bytes already being fetched does not
   // count here (it does in EngineStats::demand_misses).
   std::chrono::steady_clock::time_point last_demand_miss() const;
+  // The file of that miss.
+  FileId last_missed_file() const;
   // Whether a reader is waiting right now (for a fetch or a validation).
   bool readers_waiting() const;
+  // Demand request() calls so far (EngineStats::demand_requests), cheaply:
+  // how fast readers are served.
+  uint64_t demand_requests() const;
+  // Whether a file is being validated (as at mount, validate_all()).
+  bool validating() const;
   std::vector<FileStats> file_stats() const;
   FileStats file_stat(FileId file) const;
   // Makes every byte in the cache durable and recorded in its map now, on
@@ -199,7 +207,7 @@ class FetchEngine {
   };
   void on_validated(File& f, const Status& status, const SourceStat& st, Validated& out);
   bool validate_locally(File& f, Validated& out);
-  void note_reader_waiting();
+  void note_reader_waiting(const File& f);
   template <typename Done>
   Done parked(Priority priority, Done done);
   void release(Validated& v);

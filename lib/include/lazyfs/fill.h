@@ -8,11 +8,16 @@
 // While readers are missing (one waits for a fetch or a validation, or one
 // had to start a fetch in the last `yield_after` ms, or the fill started
 // less than that long ago: a restore reads right after the mount) it gives
-// way: it pauses until readers have
-// been quiet that long, but sends at least one request (a small file, or a
-// block of a large one) a second, so that its transfers do not queue ahead
-// of theirs on the link or take their CPU, and a steady reader cannot starve
-// it.
+// way, in one of two ways:
+// - it pauses until readers have been quiet that long, but sends at least
+//   one request (a small file, or a block of a large one) a second, so that
+//   its transfers do not queue ahead of theirs on the link or take their
+//   CPU, and a steady reader cannot starve it;
+// - or it runs beside them with at most `alongside` bytes in flight: where
+//   a miss waits mostly for the link's round trip, the CPUs and the link are
+//   idle meanwhile, and the fill may even fetch what they read next.
+// Adapting, it tries both in turn and keeps the one under which readers are
+// served faster (see adapt()).
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
@@ -41,6 +46,9 @@ struct FillOptions {
   // releases the source sooner where the restore leaves the CPUs and the
   // link idle, at a cost to the restore where it does not.
   uint64_t alongside = 0;
+  // With `alongside` > 0: run beside missing readers only while that serves
+  // them at least as fast as pausing does, as measured (adapt()).
+  bool adapt = false;
 };
 
 enum class FillState { kRunning, kComplete, kFailed, kStopped };
@@ -51,6 +59,12 @@ struct FillProgress {
   std::string error;       // why it failed
   uint64_t requested = 0;  // bytes it asked the engine for
   double rate = 0;         // bytes per second over the last few seconds
+  // Whether it runs beside missing readers (else it pauses for them).
+  bool alongside = false;
+  // Adapting: readers' reads per second in the last trial of each way
+  // (0: not tried).
+  double reads_per_s_pausing = 0;
+  double reads_per_s_alongside = 0;
 };
 
 class BackgroundFill {
@@ -76,6 +90,8 @@ class BackgroundFill {
   bool issue(const std::vector<Piece>& pieces);
   void landed(uint64_t length, const Status& st);
   bool readers_missing() const;
+  uint64_t alongside_budget();
+  void adapt();
   bool pause_for_readers();
   void pace(uint64_t bytes);
 
@@ -90,6 +106,24 @@ class BackgroundFill {
   uint64_t max_bytes_in_flight_ = 0;
   std::chrono::steady_clock::time_point started_;
   std::chrono::steady_clock::time_point last_issue_;  // the fill thread's own
+
+  // adapt()'s state, the fill thread's own. A trial runs one way (pausing:
+  // index 0, alongside: 1) while readers keep missing: kSettle not counted,
+  // then measured.
+  struct Trial {
+    bool alongside = false;
+    std::chrono::steady_clock::time_point start{};  // none running: the epoch
+    std::chrono::steady_clock::time_point from{};   // measured from here
+    uint64_t reads_at = 0;                          // the engine's demand requests then
+    bool measuring = false;
+  } trial_;
+  double rate_[2] = {0, 0};  // readers' reads per second in the last trial of each way
+  bool known_[2] = {false, false};
+  bool best_ = false;  // the way that served them faster
+  unsigned held_ = 0;  // trials of best_ since the other was last tried
+  unsigned hold_ = 0;  // trials of best_ before the other is tried again
+  std::atomic<bool> alongside_now_{false};
+  std::atomic<double> published_rate_[2] = {0.0, 0.0};  // rate_, for progress()
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
