@@ -501,8 +501,9 @@ void wait_relay_idle(const BenchContext& ctx) {
 }  // namespace
 
 const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names{"eager-scp", "eager-sftp",  "eager-rsync",    "sshfs",
-                                              "lazyfs",    "lazyfs+fill", "lazyfs+prefetch"};
+  static const std::vector<std::string> names{
+      "eager-scp", "eager-sftp",  "eager-rsync",      "sshfs",
+      "lazyfs",    "lazyfs+fill", "lazyfs+fill-auto", "lazyfs+prefetch"};
   return names;
 }
 
@@ -575,8 +576,9 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     rr = criu ? criu_restore(p, image_copy, ctx) : run_workload(p, at, ctx);
   } else if (lazy) {
     std::vector<std::string> extra;
-    const bool fill = method == "lazyfs+fill";
-    if (fill) extra = {"--fill"};
+    const bool fill = method == "lazyfs+fill" || method == "lazyfs+fill-auto";
+    if (method == "lazyfs+fill") extra = {"--fill"};
+    if (method == "lazyfs+fill-auto") extra = {"--fill-alongside", "auto"};
     if (method == "lazyfs+prefetch") {
       extra = {"--prefetch", trace.string(), "--prefetch-wait", "10"};
     }

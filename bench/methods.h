@@ -7,6 +7,7 @@
 //   sshfs        mount the source tree with sshfs, run through it
 //   lazyfs       lazyfs mount + lazyfs prepare, run through the mount
 //   lazyfs+fill  the same with --fill; also times until every byte is local
+//   lazyfs+fill-auto  the same with --fill-alongside auto
 //   lazyfs+prefetch  an untimed run with --record-trace first, then the
 //                same with --prefetch of that trace
 //

@@ -24,6 +24,9 @@ constexpr auto kMaxTrial = std::chrono::seconds(1);
 constexpr uint64_t kMinReads = 16;
 constexpr unsigned kInitialHold = 8;
 constexpr unsigned kMaxHold = 64;
+// Running beside readers must serve them this much faster to be kept: a
+// trial's rate is noisy, and pausing is the safe way.
+constexpr double kAlongsideMargin = 1.1;
 
 const char* fill_state_name(FillState state) {
   switch (state) {
@@ -313,7 +316,8 @@ uint64_t BackgroundFill::alongside_budget() {
 // link's round trip, uses what lies idle meanwhile, and may fetch the files
 // they read next). It runs each way in turn for a trial, measuring the
 // readers' reads per second (the engine's demand requests, cache hits
-// included), and keeps the faster; ties go to pausing. The slower way is
+// included), and keeps the faster (running beside them only if clearly
+// so, by kAlongsideMargin). The slower way is
 // tried again now and then (see kInitialHold), so that a change is noticed,
 // at a small cost while it loses. A trial counts only while readers are
 // missing throughout. Called often, on the fill's thread.
@@ -353,7 +357,7 @@ void BackgroundFill::adapt() {
     next = !trial_.alongside;  // the first trial of the other way
   } else if (trial_.alongside != best_) {
     // The other way was tried: it wins, or waits longer for its next try.
-    const bool winner = rate_[1] > rate_[0];
+    const bool winner = rate_[1] > kAlongsideMargin * rate_[0];
     if (winner != best_) {
       best_ = winner;
       hold_ = kInitialHold;
