@@ -123,6 +123,7 @@ class BackgroundFill {
   unsigned held_ = 0;  // trials of best_ since the other was last tried
   unsigned hold_ = 0;  // trials of best_ before the other is tried again
   std::atomic<bool> alongside_now_{false};
+  std::atomic<bool> filling_small_{true};               // small files, not large ones
   std::atomic<double> published_rate_[2] = {0.0, 0.0};  // rate_, for progress()
 
   mutable std::mutex mutex_;
