@@ -13,8 +13,8 @@ string(JSON n_methods LENGTH "${doc}" config methods)
 string(JSON n_scenarios LENGTH "${doc}" config scenarios)
 string(JSON n_links LENGTH "${doc}" config links)
 math(EXPR want "${n_methods} * ${n_scenarios} * ${n_links}")
-if(NOT n_methods EQUAL 7 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
-  message(FATAL_ERROR "expected 7 methods x 4 scenarios x ${n_links} links, got ${n_results} "
+if(NOT n_methods EQUAL 8 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
+  message(FATAL_ERROR "expected 8 methods x 4 scenarios x ${n_links} links, got ${n_results} "
                       "results for ${n_methods} methods and ${n_scenarios} scenarios")
 endif()
 math(EXPR last "${n_results} - 1")
@@ -27,7 +27,7 @@ foreach(i RANGE ${last})
   if(runs LESS 1 OR missing OR missing_bytes OR bytes EQUAL 0)
     message(FATAL_ERROR "no result for ${what} on ${where}")
   endif()
-  # The lazyfs methods report demand misses; the eager copies and lazyfs+fill
+  # The lazyfs methods report demand misses; the eager copies and the fills
   # also when they were wholly local (on disk).
   string(JSON misses_type TYPE "${doc}" results ${i} demand_misses)
   string(JSON local_type TYPE "${doc}" results ${i} wholly_local_s)
@@ -36,7 +36,7 @@ foreach(i RANGE ${last})
   else()
     set(want_misses NULL)
   endif()
-  if(what STREQUAL "lazyfs+fill" OR what MATCHES "^eager-")
+  if(what MATCHES "^lazyfs\\+fill" OR what MATCHES "^eager-")
     set(want_local NUMBER)
   else()
     set(want_local NULL)
