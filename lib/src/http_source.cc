@@ -18,7 +18,9 @@
 // never across network I/O; a checked-out Connection is owned by one thread.
 #include "lazyfs/http_source.h"
 
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <fmt/core.h>
@@ -38,6 +40,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cancellation.h"
 #include "lazyfs/log.h"
 
 #ifndef LAZYFS_VERSION
@@ -429,13 +432,33 @@ void set(CURL* easy, CURLoption option, T value) {
   }
 }
 
+// curl's sockets are made here so that a cancel can shut them down: curl
+// then wakes at once instead of at its next progress call (up to a second
+// later, on a stalled transfer).
+curl_socket_t open_socket(void* cancellation, curlsocktype, curl_sockaddr* address) {
+  const int fd = ::socket(address->family, address->socktype | SOCK_CLOEXEC, address->protocol);
+  if (fd < 0) return CURL_SOCKET_BAD;
+  static_cast<detail::Cancellation*>(cancellation)->add_socket(fd);
+  return fd;
+}
+
+int close_socket(void* cancellation, curl_socket_t fd) {
+  static_cast<detail::Cancellation*>(cancellation)->remove_socket(fd);
+  return ::close(fd);
+}
+
 // One curl easy handle and the keep-alive connection it holds between
 // requests. Not thread-safe: owned by whoever checked it out of the pool.
+// `cancellation` outlives it.
 class Connection {
  public:
-  explicit Connection(const Settings& s) : easy_(curl_easy_init()) {
+  Connection(const Settings& s, detail::Cancellation& cancellation) : easy_(curl_easy_init()) {
     if (!easy_) return;
     set(easy_, CURLOPT_NOSIGNAL, 1L);
+    set(easy_, CURLOPT_OPENSOCKETFUNCTION, &open_socket);
+    set(easy_, CURLOPT_OPENSOCKETDATA, static_cast<void*>(&cancellation));
+    set(easy_, CURLOPT_CLOSESOCKETFUNCTION, &close_socket);
+    set(easy_, CURLOPT_CLOSESOCKETDATA, static_cast<void*>(&cancellation));
     set(easy_, CURLOPT_ERRORBUFFER, errbuf_.data());
     set(easy_, CURLOPT_PROTOCOLS_STR, "http,https");
     set(easy_, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
@@ -519,9 +542,10 @@ class HttpSource final : public Source {
   unsigned max_concurrency() const override { return s_.connections; }
   SourceState state() const override { return state_.load(std::memory_order_relaxed); }
 
-  // Ends transfers at their next progress call (at most about a second).
+  // Ends transfers at once: their sockets are shut down.
   void cancel() override {
     cancelled_.store(true, std::memory_order_release);
+    cancellation_.cancel();
     std::lock_guard lock(mu_);
     cv_.notify_all();  // checkout() waiters
   }
@@ -692,7 +716,7 @@ class HttpSource final : public Source {
           if (open_ >= s_.connections) return;
           ++open_;
         }
-        auto c = std::make_unique<Connection>(s_);
+        auto c = std::make_unique<Connection>(s_, cancellation_);
         if (!c->valid()) {
           c.reset();
           release_slot();
@@ -790,6 +814,8 @@ class HttpSource final : public Source {
       state_.store(SourceState::kConnected, std::memory_order_relaxed);
       return t.refusal;
     }
+    // A cancel shut the socket down: whatever curl made of that.
+    if (rc != CURLE_OK && cancelled_.load(std::memory_order_acquire)) return shutting_down();
     const std::string what = fmt::format("{} {} on {}", t.ranged ? "GET" : "HEAD", t.path, s_.uri);
     if (t.stalled) {
       state_.store(SourceState::kRetrying, std::memory_order_relaxed);
@@ -909,7 +935,7 @@ class HttpSource final : public Source {
       }
       ++open_;
     }
-    auto c = std::make_unique<Connection>(s_);
+    auto c = std::make_unique<Connection>(s_, cancellation_);
     if (!c->valid()) {
       c.reset();
       release_slot();
@@ -930,6 +956,7 @@ class HttpSource final : public Source {
   }
 
   const Settings s_;
+  detail::Cancellation cancellation_;  // before the connections: outlives them
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Connection>> idle_;  // guarded by mu_

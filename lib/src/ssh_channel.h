@@ -16,37 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "cancellation.h"
 #include "lazyfs/fileio.h"
 #include "lazyfs/sftp_source.h"
 #include "lazyfs/source.h"
 
 namespace lazyfs::detail {
-
-// Ends the waits of a source's sessions at once when the source is cancelled
-// (shutdown). The OpenSSH channel polls fd() beside its socket; libssh2
-// blocks inside its own calls, so its socket is registered here and shut
-// down instead.
-class Cancellation {
- public:
-  Cancellation();
-  Cancellation(const Cancellation&) = delete;
-  Cancellation& operator=(const Cancellation&) = delete;
-
-  // Readable once cancelled.
-  int fd() const { return event_.get(); }
-  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
-  void cancel();
-  // `socket` stays open until remove_socket(); shut down at once if the
-  // source is already cancelled.
-  void add_socket(int socket);
-  void remove_socket(int socket);
-
- private:
-  UniqueFd event_;
-  std::atomic<bool> cancelled_{false};
-  std::mutex mu_;
-  std::vector<int> sockets_;  // guarded by mu_
-};
 
 // What every session of a source needs, resolved once.
 struct SshSettings {
