@@ -274,6 +274,87 @@ TEST_CASE("sftp source: stat matches the file and missing files are ENOENT", "[s
   CHECK(source->counters().connects == 1);
 }
 
+TEST_CASE("sftp source: stat_many lists directories with many wanted files, and agrees with stat",
+          "[sftp]") {
+  const auto client = GENERATE(SshClient::kOpenSsh, SshClient::kLibssh2);
+  INFO(client_name(client));
+  SshServer server;
+  const auto many = server.dir() / "many";
+  const auto big = server.dir() / "big";  // mostly files nobody asks for
+  const auto few = server.dir() / "few";
+  for (const auto& d : {many, big, few, server.dir() / "elsewhere"}) {
+    std::filesystem::create_directory(d);
+  }
+  std::vector<std::string> paths;
+  for (int i = 0; i < 40; ++i) {
+    const auto f = many / fmt::format("f{:03}", i);
+    make_random_file(f, static_cast<size_t>(100 + 37 * i), static_cast<uint64_t>(i));
+    ::chmod(f.c_str(), i % 2 ? 0640 : 0604);
+    const timespec times[2] = {{1000000 + i, 0}, {2000000 + 7 * i, 0}};
+    REQUIRE(::utimensat(AT_FDCWD, f.c_str(), times, 0) == 0);
+    paths.push_back(f.string());
+  }
+  // A symlink is followed (its listing entry is the link's), a subdirectory
+  // is a directory, a missing file is ENOENT.
+  make_random_file(server.dir() / "elsewhere" / "target", 4321, 99);
+  std::filesystem::create_symlink(server.dir() / "elsewhere" / "target", many / "link");
+  std::filesystem::create_directory(many / "sub");
+  for (const auto* name : {"link", "sub", "missing"}) paths.push_back((many / name).string());
+  // Ten wanted among 600: the listing stops early, the rest are STATed.
+  for (int i = 0; i < 600; ++i) {
+    const auto f = big / fmt::format("g{:03}", i);
+    lazyfs::test::write_bytes(f, std::vector<uint8_t>(static_cast<size_t>(i)));
+    if (i % 60 == 59) paths.push_back(f.string());
+  }
+  for (int i = 0; i < 3; ++i) {
+    const auto f = few / fmt::format("h{}", i);
+    make_random_file(f, 10, 7);
+    paths.push_back(f.string());
+  }
+
+  auto opts = server.options(client);
+  opts.connections = 1;
+  auto source = connect(opts);
+  std::vector<int> calls(paths.size());
+  std::vector<Status> status(paths.size());
+  std::vector<SourceStat> got(paths.size());
+  source->stat_many(paths, [&](size_t i, const Status& st, const SourceStat& s) {
+    ++calls[i];
+    status[i] = st;
+    got[i] = s;
+  });
+  for (size_t i = 0; i < paths.size(); ++i) {
+    INFO(paths[i]);
+    CHECK(calls[i] == 1);
+    struct stat want {};
+    if (::stat(paths[i].c_str(), &want) != 0) {
+      CHECK(status[i].errnum() == ENOENT);
+      continue;
+    }
+    REQUIRE(status[i].ok());
+    CHECK(got[i].mode == want.st_mode);
+    CHECK(got[i].size == static_cast<uint64_t>(want.st_size));
+    CHECK(got[i].uid == want.st_uid);
+    CHECK(got[i].gid == want.st_gid);
+    CHECK(got[i].mtime == want.st_mtime);
+    CHECK(got[i].atime == want.st_atime);
+  }
+  CHECK(S_ISREG(got[40].mode));
+  CHECK(got[40].size == 4321);
+  CHECK(S_ISDIR(got[41].mode));
+  // many/ and big/ were listed (sftp-server logs each closedir), few/ not.
+  const auto log = server.sftp_log();
+  const auto listed = [&](const std::filesystem::path& d) {
+    return log.find(fmt::format("closedir \"{}\"", d.string())) != std::string::npos;
+  };
+  CHECK(listed(many));
+  CHECK(listed(big));
+  CHECK_FALSE(listed(few));
+  // The session stays in step.
+  CHECK(read_range(*source, paths[3], 0, 10).status.ok());
+  CHECK(source->counters().connects == 1);
+}
+
 TEST_CASE(
     "sftp source: a range of a file changed since it was checked fails with ESTALE, "
     "before any byte",

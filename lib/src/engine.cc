@@ -251,6 +251,14 @@ void FetchEngine::validate_all(const std::vector<FileId>& first) {
   };
   if (!todo.empty()) queue(std::exchange(todo, {}), Priority::kDemand);
   for (auto& f : files_) take(*f, todo);
+  // A directory's files together: a source may list the directory rather
+  // than ask for each of them (SFTP does).
+  const auto dir_of = [](const File* f) {
+    const std::string_view p = f->path;
+    return p.substr(0, p.rfind('/') + 1);
+  };
+  std::stable_sort(todo.begin(), todo.end(),
+                   [&](const File* a, const File* b) { return dir_of(a) < dir_of(b); });
   // The rest at prefetch priority: behind readers' fetches, ahead of the
   // prefetch (queued later), so a lookup of a file the trace does not name
   // never waits for the whole prefetch; a reader that waits for one of these

@@ -67,10 +67,13 @@ constexpr uint8_t kFxpOpen = 3;
 constexpr uint8_t kFxpClose = 4;
 constexpr uint8_t kFxpRead = 5;
 constexpr uint8_t kFxpFstat = 8;
+constexpr uint8_t kFxpOpendir = 11;
+constexpr uint8_t kFxpReaddir = 12;
 constexpr uint8_t kFxpStat = 17;
 constexpr uint8_t kFxpStatus = 101;
 constexpr uint8_t kFxpHandle = 102;
 constexpr uint8_t kFxpData = 103;
+constexpr uint8_t kFxpName = 104;
 constexpr uint8_t kFxpAttrs = 105;
 
 constexpr uint32_t kFxOk = 0;
@@ -207,8 +210,10 @@ class Fields {
   bool ok_ = true;
 };
 
-bool parse_attrs(Fields& f, SourceStat& out) {
+// Parses an ATTRS; `flags` says which fields it had.
+bool parse_attrs(Fields& f, SourceStat& out, uint32_t* flags_out = nullptr) {
   uint32_t flags = f.u32();
+  if (flags_out) *flags_out = flags;
   if (flags & kAttrSize) out.size = f.u64();
   if (flags & kAttrUidGid) {
     out.uid = f.u32();
@@ -323,6 +328,7 @@ class Session {
   Status on_read_reply(Transfer& t, const Reply& reply);
   void deliver_front(Transfer& t);
   void queue_read(Outgoing& out, const std::string& handle, const PendingRead& p);
+  uint32_t queue(Outgoing& out, uint8_t type, std::string_view arg);
   uint32_t queue_close(Outgoing& out, const std::string& handle);
 
   const SshSettings& s_;
@@ -466,58 +472,188 @@ Status Session::call(const Outgoing& out, uint32_t id, Reply& reply) {
   return {};
 }
 
+// stat_many() lists a directory instead of asking for each of its files when
+// it wants at least this many of them: one READDIR answers about a hundred
+// (OpenSSH's sftp-server lstat()s each entry), so validating the 5,000 files
+// of a checkpoint costs a few hundred requests, not 5,000.
+constexpr size_t kListAtLeast = 8;
+// It stops listing after this many entries per file it wants, and asks for
+// the files still missing one by one: a large directory whose files are
+// mostly not wanted is not read whole.
+constexpr size_t kListedPerWanted = 4;
+
+// An entry of a directory listing answers for a file if it says all that a
+// STAT would: size, owner, mode with type, times. A symlink does not (STAT
+// follows it).
+bool answers_stat(uint32_t flags, const SourceStat& st) {
+  constexpr uint32_t kNeeded = kAttrSize | kAttrUidGid | kAttrPermissions | kAttrAcModTime;
+  return (flags & kNeeded) == kNeeded && (st.mode & S_IFMT) != 0 && !S_ISLNK(st.mode);
+}
+
 Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<bool>& answered,
                           const Source::StatDone& done) {
   constexpr size_t kStatsInFlight = 64;
-  std::deque<std::pair<uint32_t, size_t>> pending;  // request id, index
-  size_t next = 0;
+  constexpr size_t kListsInFlight = 8;
+  // A directory listed for the files of it that are wanted.
+  struct Listing {
+    std::string dir;
+    std::unordered_map<std::string, size_t> wanted;  // entry name -> index
+    size_t limit = 0;                                // entries to read at most
+    size_t listed = 0;
+    std::string handle;
+  };
+  std::vector<Listing> listings;
+  std::deque<size_t> to_stat;
+  {
+    std::unordered_map<std::string_view, std::vector<size_t>> by_dir;
+    for (size_t i = 0; i < remotes.size(); ++i) {
+      if (answered[i]) continue;
+      const std::string_view r = remotes[i];
+      const size_t slash = r.rfind('/');
+      const std::string_view name = slash == std::string_view::npos ? r : r.substr(slash + 1);
+      if (slash == std::string_view::npos || name.empty() || name == "." || name == "..") {
+        to_stat.push_back(i);
+      } else {
+        by_dir[r.substr(0, slash)].push_back(i);
+      }
+    }
+    for (auto& [dir, files] : by_dir) {
+      if (files.size() < kListAtLeast) {
+        to_stat.insert(to_stat.end(), files.begin(), files.end());
+        continue;
+      }
+      Listing l;
+      l.dir = dir.empty() ? "/" : std::string(dir);
+      for (size_t i : files) l.wanted.emplace(remotes[i].substr(dir.size() + 1), i);
+      l.limit = kListedPerWanted * files.size();
+      listings.push_back(std::move(l));
+    }
+  }
+  // What each reply answers.
+  enum class For { kStat, kOpendir, kReaddir, kClose };
+  std::unordered_map<uint32_t, std::pair<For, size_t>> owner;
+  size_t next_listing = 0;
+  size_t stats_in_flight = 0;
+  size_t lists_in_flight = 0;
   Outgoing out;
   Reply reply;
-  while (next < remotes.size() || !pending.empty()) {
-    while (next < remotes.size() && pending.size() < kStatsInFlight) {
-      const uint32_t id = next_id_++;
-      out.begin(kFxpStat);
-      out.u32(id);
-      out.str(remotes[next]);
-      out.end();
-      pending.emplace_back(id, next++);
+  const auto send_readdir = [&](size_t k) {
+    owner[queue(out, kFxpReaddir, listings[k].handle)] = {For::kReaddir, k};
+  };
+  // The listing ended (read, cut short or refused): its files not found in
+  // it are asked for one by one, which also gives a missing one its error.
+  const auto end_listing = [&](size_t k) {
+    Listing& l = listings[k];
+    if (!l.handle.empty()) owner[queue_close(out, l.handle)] = {For::kClose, 0};
+    for (const auto& [name, i] : l.wanted) to_stat.push_back(i);
+    l.wanted.clear();
+    --lists_in_flight;
+  };
+  while (true) {
+    for (; next_listing < listings.size() && lists_in_flight < kListsInFlight; ++next_listing) {
+      owner[queue(out, kFxpOpendir, listings[next_listing].dir)] = {For::kOpendir, next_listing};
+      ++lists_in_flight;
+    }
+    while (!to_stat.empty() && stats_in_flight < kStatsInFlight) {
+      owner[queue(out, kFxpStat, remotes[to_stat.front()])] = {For::kStat, to_stat.front()};
+      to_stat.pop_front();
+      ++stats_in_flight;
     }
     if (!out.empty()) {
       auto st = send(out);
       out.clear();
       if (!st.ok()) return st;
     }
+    if (owner.empty()) break;
+
     auto st = receive(reply);
     if (!st.ok()) return st;
-    // sftp-server answers in order.
-    if (reply.id != pending.front().first) {
-      return protocol_error(
-          fmt::format("reply to {} while waiting for {}", reply.id, pending.front().first));
+    auto o = owner.find(reply.id);
+    if (o == owner.end()) {
+      return protocol_error(fmt::format("reply to unknown request {}", reply.id));
     }
-    const size_t index = pending.front().second;
-    pending.pop_front();
+    const auto [what, at] = o->second;
+    owner.erase(o);
     Fields f(reply.body);
-    SourceStat attrs;
-    Status result;
-    if (reply.type == kFxpStatus) {
-      result = status_error(f, remotes[index]);
-      if (broken_) return result;
-    } else if (reply.type != kFxpAttrs || !parse_attrs(f, attrs)) {
-      return protocol_error(fmt::format("STAT answered by {}", reply.type));
+    switch (what) {
+      case For::kStat: {
+        --stats_in_flight;
+        SourceStat attrs;
+        Status result;
+        if (reply.type == kFxpStatus) {
+          result = status_error(f, remotes[at]);
+          if (broken_) return result;
+        } else if (reply.type != kFxpAttrs || !parse_attrs(f, attrs)) {
+          return protocol_error(fmt::format("STAT answered by {}", reply.type));
+        }
+        answered[at] = true;
+        done(at, result, attrs);
+        break;
+      }
+      case For::kOpendir: {
+        Listing& l = listings[at];
+        if (reply.type == kFxpHandle) {
+          l.handle = f.str();
+          if (!f.ok()) return protocol_error("truncated HANDLE");
+          send_readdir(at);
+        } else if (reply.type == kFxpStatus) {
+          // Not listable (the files may still be statable): one by one.
+          auto refused = status_error(f, l.dir);
+          if (broken_) return refused;
+          end_listing(at);
+        } else {
+          return protocol_error(fmt::format("OPENDIR answered by {}", reply.type));
+        }
+        break;
+      }
+      case For::kReaddir: {
+        Listing& l = listings[at];
+        if (reply.type == kFxpStatus) {
+          // The end of the listing, or an error: the rest one by one.
+          auto ended = status_error(f, l.dir);
+          if (broken_) return ended;
+          end_listing(at);
+          break;
+        }
+        if (reply.type != kFxpName) {
+          return protocol_error(fmt::format("READDIR answered by {}", reply.type));
+        }
+        const uint32_t count = f.u32();
+        for (uint32_t e = 0; e < count && f.ok(); ++e) {
+          std::string name = f.str();
+          f.bytes();  // the ls -l style long name
+          SourceStat attrs;
+          uint32_t flags = 0;
+          if (!parse_attrs(f, attrs, &flags)) break;
+          auto w = l.wanted.find(name);
+          if (w == l.wanted.end() || !answers_stat(flags, attrs)) continue;
+          const size_t i = w->second;
+          l.wanted.erase(w);
+          answered[i] = true;
+          done(i, {}, attrs);
+        }
+        if (!f.ok()) return protocol_error("truncated NAME");
+        l.listed += count;
+        if (l.wanted.empty() || l.listed >= l.limit) {
+          end_listing(at);
+        } else {
+          send_readdir(at);
+        }
+        break;
+      }
+      case For::kClose:
+        if (reply.type != kFxpStatus) {
+          return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
+        }
+        break;
     }
-    answered[index] = true;
-    done(index, result, attrs);
   }
   return {};
 }
 
 Status Session::stat(const std::string& remote, SourceStat& out) {
   Outgoing req;
-  uint32_t id = next_id_++;
-  req.begin(kFxpStat);
-  req.u32(id);
-  req.str(remote);
-  req.end();
+  const uint32_t id = queue(req, kFxpStat, remote);
   Reply reply;
   auto st = call(req, id, reply);
   if (!st.ok()) return st;
@@ -539,13 +675,19 @@ void Session::queue_read(Outgoing& out, const std::string& handle, const Pending
   out.end();
 }
 
-uint32_t Session::queue_close(Outgoing& out, const std::string& handle) {
+// Queues a request whose one field is a string (a path or a handle);
+// returns its id.
+uint32_t Session::queue(Outgoing& out, uint8_t type, std::string_view arg) {
   const uint32_t id = next_id_++;
-  out.begin(kFxpClose);
+  out.begin(type);
   out.u32(id);
-  out.str(handle);
+  out.str(arg);
   out.end();
   return id;
+}
+
+uint32_t Session::queue_close(Outgoing& out, const std::string& handle) {
+  return queue(out, kFxpClose, handle);
 }
 
 // A single read keeps its file open afterwards, so further reads of it cost
@@ -642,11 +784,7 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
           // Ahead of the READs (also on a handle kept open), so its answer
           // comes before their bytes.
           t.checked = true;
-          t.fstat_id = next_id_++;
-          out.begin(kFxpFstat);
-          out.u32(t.fstat_id);
-          out.str(t.handle);
-          out.end();
+          t.fstat_id = queue(out, kFxpFstat, t.handle);
           owner[t.fstat_id] = i;
         }
         while (!t.eof && t.failure.ok() && t.next < t.end && reads_in_flight < kReadsInFlight) {
