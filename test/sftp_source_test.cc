@@ -311,6 +311,7 @@ TEST_CASE("sftp source: stat_many lists directories with many wanted files, and 
     make_random_file(f, 10, 7);
     paths.push_back(f.string());
   }
+  paths.push_back(paths[5]);  // asked for twice: answered twice
 
   auto opts = server.options(client);
   opts.connections = 1;

@@ -524,7 +524,10 @@ Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<b
       }
       Listing l;
       l.dir = dir.empty() ? "/" : std::string(dir);
-      for (size_t i : files) l.wanted.emplace(remotes[i].substr(dir.size() + 1), i);
+      for (size_t i : files) {
+        // A path asked for twice: the listing answers once, a STAT the other.
+        if (!l.wanted.emplace(remotes[i].substr(dir.size() + 1), i).second) to_stat.push_back(i);
+      }
       l.limit = kListedPerWanted * files.size();
       listings.push_back(std::move(l));
     }
