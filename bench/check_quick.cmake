@@ -13,8 +13,8 @@ string(JSON n_methods LENGTH "${doc}" config methods)
 string(JSON n_scenarios LENGTH "${doc}" config scenarios)
 string(JSON n_links LENGTH "${doc}" config links)
 math(EXPR want "${n_methods} * ${n_scenarios} * ${n_links}")
-if(NOT n_methods EQUAL 8 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
-  message(FATAL_ERROR "expected 8 methods x 4 scenarios x ${n_links} links, got ${n_results} "
+if(NOT n_methods EQUAL 9 OR NOT n_scenarios EQUAL 4 OR NOT n_results EQUAL want)
+  message(FATAL_ERROR "expected 9 methods x 4 scenarios x ${n_links} links, got ${n_results} "
                       "results for ${n_methods} methods and ${n_scenarios} scenarios")
 endif()
 math(EXPR last "${n_results} - 1")

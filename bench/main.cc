@@ -393,7 +393,7 @@ int main(int argc, char** argv) {
                  "big-sparse, many-small, full-sequential, mmap-random (repeatable; default all)");
   app.add_option("--method", o.methods,
                  "eager-scp, eager-sftp, eager-rsync, sshfs, lazyfs, lazyfs+fill, "
-                 "lazyfs+fill-auto, lazyfs+prefetch (repeatable; default all)");
+                 "lazyfs+fill-auto, lazyfs+fill-first, lazyfs+prefetch (repeatable; default all)");
   app.add_option("--link", o.links, "loopback, 1g-2ms, 100m-20ms (repeatable; default all)");
   app.add_option("--runs", o.runs, "Cold runs per combination (default 3, --quick 1)")
       ->check(CLI::Range(1, 100))

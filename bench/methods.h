@@ -8,6 +8,8 @@
 //   lazyfs       lazyfs mount + lazyfs prepare, run through the mount
 //   lazyfs+fill  the same with --fill; also times until every byte is local
 //   lazyfs+fill-auto  the same with --fill-alongside auto
+//   lazyfs+fill-first  lazyfs with --fill, run once every byte is local (the
+//                fill as an eager copy)
 //   lazyfs+prefetch  an untimed run with --record-trace first, then the
 //                same with --prefetch of that trace
 //
