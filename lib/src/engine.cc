@@ -610,10 +610,14 @@ void FetchEngine::enqueue_all(std::vector<std::shared_ptr<Job>> jobs) {
 
 // Takes the most urgent job for a free worker. Queued fetches of the same
 // priority go along with a fetch, as one pipelined source call, up to
-// kMaxBatch jobs and max_request bytes, and no more than their share of the
+// kMaxBatch jobs (kMaxBackgroundBatch in the background) and max_request
+// bytes, and no more than their share of the
 // free workers. Background jobs leave one worker to readers.
 void FetchEngine::run_next() {
   constexpr size_t kMaxBatch = 32;
+  // The fill's batches are larger: each costs its session a round trip (its
+  // first OPENs) with nothing to receive.
+  constexpr size_t kMaxBackgroundBatch = 128;
   std::vector<std::shared_ptr<Job>> batch;
   bool background = false;
   {
@@ -624,7 +628,8 @@ void FetchEngine::run_next() {
       background = p == static_cast<size_t>(Priority::kBackground);
       if (background && workers_ > 1 && running_background_ >= workers_ - 1) break;
       auto& q = queues_[p];
-      const size_t share = std::min(kMaxBatch, (q.size() + free - 1) / free);
+      const size_t share =
+          std::min(background ? kMaxBackgroundBatch : kMaxBatch, (q.size() + free - 1) / free);
       uint64_t bytes = 0;
       while (!q.empty() && batch.size() < std::max<size_t>(1, share)) {
         auto& j = q.front();

@@ -38,6 +38,7 @@
 #include <system_error>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "lazyfs/fileio.h"
@@ -321,6 +322,7 @@ class Session {
   Status send(const Outgoing& out);
   Status fill(size_t need);
   Status receive(Reply& reply);
+  Status receive_any(Reply& reply);
   Status call(const Outgoing& out, uint32_t id, Reply& reply);
 
   Status run_transfers(std::span<Transfer> transfers, const std::vector<std::string>& close_first,
@@ -329,7 +331,7 @@ class Session {
   void deliver_front(Transfer& t);
   void queue_read(Outgoing& out, const std::string& handle, const PendingRead& p);
   uint32_t queue(Outgoing& out, uint8_t type, std::string_view arg);
-  uint32_t queue_close(Outgoing& out, const std::string& handle);
+  void queue_close(Outgoing& out, const std::string& handle);
 
   const SshSettings& s_;
   std::unique_ptr<SshChannel> channel_;
@@ -338,6 +340,7 @@ class Session {
   uint32_t next_id_ = 1;
   std::string open_path_;    // the file kept open since the last read, if any
   std::string open_handle_;  // its SFTP handle
+  std::unordered_set<uint32_t> unanswered_closes_;  // CLOSEs whose reply is not read yet
   std::vector<std::byte> rbuf_;
   size_t rpos_ = 0;
   size_t rend_ = 0;
@@ -446,7 +449,24 @@ Status Session::fill(size_t need) {
   return {};
 }
 
+// The next reply that is not a CLOSE's: CLOSE replies are read whenever they
+// come (see queue_close).
 Status Session::receive(Reply& reply) {
+  while (true) {
+    auto st = receive_any(reply);
+    if (!st.ok()) return st;
+    auto it = unanswered_closes_.find(reply.id);
+    if (it == unanswered_closes_.end()) return {};
+    unanswered_closes_.erase(it);
+    Fields f(reply.body);
+    if (reply.type != kFxpStatus) {
+      return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
+    }
+    if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
+  }
+}
+
+Status Session::receive_any(Reply& reply) {
   auto st = fill(4);
   if (!st.ok()) return st;
   Fields head(std::span<const std::byte>(rbuf_).subspan(rpos_, 4));
@@ -533,7 +553,7 @@ Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<b
     }
   }
   // What each reply answers.
-  enum class For { kStat, kOpendir, kReaddir, kClose };
+  enum class For { kStat, kOpendir, kReaddir };
   std::unordered_map<uint32_t, std::pair<For, size_t>> owner;
   size_t next_listing = 0;
   size_t stats_in_flight = 0;
@@ -547,7 +567,7 @@ Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<b
   // it are asked for one by one, which also gives a missing one its error.
   const auto end_listing = [&](size_t k) {
     Listing& l = listings[k];
-    if (!l.handle.empty()) owner[queue_close(out, l.handle)] = {For::kClose, 0};
+    if (!l.handle.empty()) queue_close(out, l.handle);
     for (const auto& [name, i] : l.wanted) to_stat.push_back(i);
     l.wanted.clear();
     --lists_in_flight;
@@ -644,11 +664,6 @@ Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<b
         }
         break;
       }
-      case For::kClose:
-        if (reply.type != kFxpStatus) {
-          return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
-        }
-        break;
     }
   }
   return {};
@@ -689,8 +704,11 @@ uint32_t Session::queue(Outgoing& out, uint8_t type, std::string_view arg) {
   return id;
 }
 
-uint32_t Session::queue_close(Outgoing& out, const std::string& handle) {
-  return queue(out, kFxpClose, handle);
+// Nobody waits for a CLOSE's reply: a batch of files ends when its last
+// byte is in, not a round trip later, and the reply is read on the way to
+// a later one (receive()).
+void Session::queue_close(Outgoing& out, const std::string& handle) {
+  unanswered_closes_.insert(queue(out, kFxpClose, handle));
 }
 
 // A single read keeps its file open afterwards, so further reads of it cost
@@ -739,14 +757,13 @@ Status Session::read_many(std::span<Transfer> transfers, const Source::ReadDone&
 // stream returns early (with the transfers not yet done left to the caller).
 Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::string>& close_first,
                               const Source::ReadDone& done) {
-  constexpr size_t kClose = SIZE_MAX;          // owner of a CLOSE's reply
   std::unordered_map<uint32_t, size_t> owner;  // request id -> transfer index
   std::vector<size_t> active;                  // opening or reading, in order
   size_t next_open = 0;
   size_t reads_in_flight = 0;
   Outgoing out;
   Reply reply;
-  for (const auto& h : close_first) owner[queue_close(out, h)] = kClose;
+  for (const auto& h : close_first) queue_close(out, h);
 
   auto finish = [&](size_t i) {
     Transfer& t = ts[i];
@@ -757,7 +774,7 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
         open_handle_.clear();
         open_path_.clear();
       }
-      owner[queue_close(out, t.handle)] = kClose;
+      queue_close(out, t.handle);
     }
     std::erase(active, i);
     done(i, t.failure);
@@ -824,13 +841,6 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
     const size_t i = o->second;
     owner.erase(o);
     Fields f(reply.body);
-    if (i == kClose) {
-      if (reply.type != kFxpStatus) {
-        return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
-      }
-      if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
-      continue;
-    }
     Transfer& t = ts[i];
     if (t.step == Transfer::Step::kOpening) {
       if (reply.type == kFxpStatus) {

@@ -97,9 +97,9 @@ class BackgroundFill {
 
   FetchEngine& engine_;
   FillOptions options_;
-  // Small files queued together: the engine sends up to 32 queued fetches
-  // as one pipelined batch.
-  static constexpr unsigned kRequestsPerWorker = 32;
+  // Small files queued together: the engine sends up to 128 queued
+  // background fetches as one pipelined batch.
+  static constexpr unsigned kRequestsPerWorker = 64;
   // In flight at most: two batches (requests) and two chunks (bytes) per
   // worker the fill may use, so a worker that ends one finds the next queued.
   unsigned max_in_flight_;
