@@ -901,8 +901,14 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   // per file). Through the cache's own descriptor, open since the cache was,
   // it reports any write-back error since then, also of closed data files.
   const UniqueFd& dir_fd = dir_fd_;
+  using Clock = std::chrono::steady_clock;
+  const auto ms_since = [](Clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+  };
+  const auto t0 = Clock::now();
   std::error_code sync_ec;
   if (::syncfs(dir_fd.get()) != 0) sync_ec = last_errno();
+  const double data_ms = ms_since(t0);
   if (sync_ec) {
     for (auto& p : pending) fail(p, sync_ec, "cache sync for");
     return pending.front().status;
@@ -920,6 +926,7 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
   // no rename.
   std::vector<std::filesystem::path> tmps(pending.size());  // empty: written in place
   bool renames = false;
+  const auto t1 = Clock::now();
   for (size_t i = 0; i < pending.size(); ++i) {
     Pending& p = pending[i];
     UniqueFd fd(
@@ -936,6 +943,8 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
       fail(p, ec, "cache map write");
     }
   }
+  const double write_ms = ms_since(t1);
+  const auto t2 = Clock::now();
   if (::syncfs(dir_fd.get()) != 0) {
     const auto ec = last_errno();
     for (auto& p : pending) {
@@ -959,6 +968,8 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
     }
   }
   flush_step(cache_hooks::FlushStep::kMapWritten);
+  log::debug("cache", "flush batch files={} data_sync_ms={:.1f} maps_ms={:.1f} map_sync_ms={:.1f}",
+             pending.size(), data_ms, write_ms, ms_since(t2));
 
   Status first;
   for (auto& p : pending) {
