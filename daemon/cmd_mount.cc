@@ -230,17 +230,29 @@ int mount_command(MountCli& cli) {
   if (!make_private_parents(log_file)) report_failure("cannot open log file " + log_file.string());
   const int log_fd = ::open(log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (log_fd < 0) report_failure("cannot open log file " + log_file.string());
-  log::set_sink([log_fd](log::Level lvl, std::string_view subsystem, std::string_view message) {
-    const auto line = log::format_line(lvl, subsystem, message);
-    (void)!::write(log_fd, line.data(), line.size());
-    if (lvl >= log::Level::kWarn) std::fwrite(line.data(), 1, line.size(), stderr);
-  });
+  // Each line names this daemon: the mounts of one cache directory share
+  // its default log file.
+  const long daemon_pid = ::getpid();
+  log::set_sink(
+      [log_fd, daemon_pid](log::Level lvl, std::string_view subsystem, std::string_view message) {
+        const auto line = log::format_line(lvl, subsystem, message, daemon_pid);
+        (void)!::write(log_fd, line.data(), line.size());
+        if (lvl >= log::Level::kWarn) {
+          const auto shown = log::format_line(lvl, subsystem, message);
+          std::fwrite(shown.data(), 1, shown.size(), stderr);
+        }
+      });
   auto report = [&](const Status& st) {
     std::string msg =
         st.ok() ? "ok" : fmt::format("{} {}", st.errnum() == EINVAL ? '2' : '1', st.message());
     if (st.ok()) {
       if (!redirect_stdio(log_file)) msg = "1 cannot open log file " + log_file.string();
-      log::set_sink({});  // stderr, now the log; no line is being written to log_fd
+      // stderr, now the log; no line is being written to log_fd.
+      log::set_sink(
+          [daemon_pid](log::Level lvl, std::string_view subsystem, std::string_view message) {
+            const auto line = log::format_line(lvl, subsystem, message, daemon_pid);
+            std::fwrite(line.data(), 1, line.size(), stderr);  // one call keeps lines whole
+          });
       ::close(log_fd);
     }
     (void)!::write(report_fd, msg.data(), msg.size());

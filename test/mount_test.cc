@@ -370,11 +370,13 @@ TEST_CASE("the original three-argument form mounts", "[mount]") {
   ::unsetenv("LAZYFS_CACHE_DIR");
 }
 
-TEST_CASE("the daemon's --log-file lines carry millisecond times", "[mount]") {
+TEST_CASE("the daemon's --log-file lines carry millisecond times and the daemon's pid", "[mount]") {
   ScratchDir dir("logfile");
   const auto log = dir.path() / "lazyfs.log";
+  pid_t pid = 0;
   {
     FileRig rig({"--log-file", log.string()});
+    pid = rig.mount->pid();
     CHECK(read_file(rig.at("/srv/lazyfs-fixture-a/state/counter.db")).size() == 8192);
     CHECK(rig.mount->stop());
   }
@@ -387,10 +389,13 @@ TEST_CASE("the daemon's --log-file lines carry millisecond times", "[mount]") {
     // Start-up lines too, logged before the detached daemon's stderr
     // became the log file.
     mounted = mounted || line.find(" info mount: mounted ") != std::string::npos;
-    // 2026-11-26T13:07:23.701 info mount: unmounted ...
+    // 2026-11-26T13:07:23.701 [4242] info mount: unmounted ...: the
+    // daemons of one cache directory share its default log file.
     CHECK_THAT(
         line,
-        Catch::Matches(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} (debug|info|warn|error) \S+: .+)"));
+        Catch::Matches(fmt::format(
+            R"(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}} \[{}\] (debug|info|warn|error) \S+: .+)",
+            pid)));
   }
   CHECK(lines >= 2);
   CHECK(mounted);

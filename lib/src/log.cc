@@ -50,11 +50,13 @@ std::string_view level_name(Level level) {
   return "?";
 }
 
-std::string format_line(Level lvl, std::string_view subsystem, std::string_view message) {
+std::string format_line(Level lvl, std::string_view subsystem, std::string_view message,
+                        std::optional<long> pid) {
   const auto now = std::chrono::system_clock::now();
   const auto seconds = std::chrono::floor<std::chrono::seconds>(now);
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - seconds).count();
-  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03} {} {}: {}\n", seconds, ms, level_name(lvl),
+  const auto who = pid ? fmt::format("[{}] ", *pid) : std::string();
+  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03} {}{} {}: {}\n", seconds, ms, who, level_name(lvl),
                      subsystem, message);
 }
 

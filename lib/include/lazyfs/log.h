@@ -25,8 +25,10 @@ void set_sink(Sink sink);
 
 std::string_view level_name(Level level);
 // The default sink's line: local time to the millisecond, level, subsystem,
-// message and a newline.
-std::string format_line(Level level, std::string_view subsystem, std::string_view message);
+// message and a newline. With a pid, "[PID] " after the time: for a log file
+// that several processes write (the daemons of one cache directory).
+std::string format_line(Level level, std::string_view subsystem, std::string_view message,
+                        std::optional<long> pid = std::nullopt);
 std::optional<Level> parse_level(std::string_view name);
 
 void emit(Level level, std::string_view subsystem, std::string_view message);
