@@ -20,6 +20,7 @@
 
 #include "delay_relay.h"
 #include "interrupt.h"
+#include "lazyfs/filesystem.h"
 #include "process.h"
 #include "ssh_server.h"
 
@@ -295,17 +296,16 @@ class LazyfsMount {
   int cleanup_id_ = 0;
 };
 
-// Polls `lazyfs status --json` on its own thread, from construction until
-// the mount says every served file is local ("complete": true), and keeps
-// the time it first did. A poll is a short-lived `lazyfs status --no-files`
-// process (what `lazyfs status --wait` asks for, but every 50 ms rather than
-// every 500 ms); the per-file list of 5,000 files would cost the daemon and
-// the bench some 20 ms of CPU per poll.
+// Polls the mount's status socket on its own thread, every 20 ms from
+// construction until the mount says every served file is local ("complete":
+// true), and keeps the time it first did. Polled in this process
+// (lazyfs::query_status, what `lazyfs status --json --no-files` asks for):
+// a `lazyfs status` process per poll costs some 20 ms of CPU (loading its
+// libraries), which every 50 ms took a fifth of this 2-core VM from the fill
+// it timed (before v15).
 class CompletionWatch {
  public:
-  CompletionWatch(const fs::path& mountpoint, const BenchContext& ctx)
-      : argv_{(ctx.bin_dir / "lazyfs").string(), "status", "--json", "--no-files",
-              mountpoint.string()} {
+  explicit CompletionWatch(fs::path mountpoint) : mountpoint_(std::move(mountpoint)) {
     thread_ = std::thread([this] { loop(); });
   }
   ~CompletionWatch() {
@@ -347,11 +347,12 @@ class CompletionWatch {
       lock.unlock();
       std::string error;
       bool complete = false;
-      const auto r = run(argv_);
+      std::string doc;
+      const auto st = lazyfs::query_status(mountpoint_, doc, /*with_files=*/false);
       const uint64_t now = monotonic_ns();
-      if (r.ok()) {
+      if (st.ok()) {
         try {
-          const auto j = nlohmann::json::parse(r.out);
+          const auto j = nlohmann::json::parse(doc);
           complete = j.at("complete").get<bool>();
           const auto& fill = j.at("fill");
           if (!complete && fill.value("state", std::string()) == "failed") {
@@ -359,10 +360,10 @@ class CompletionWatch {
           }
           failures = 0;
         } catch (const std::exception& e) {
-          error = fmt::format("unreadable `lazyfs status --json`: {}", e.what());
+          error = fmt::format("unreadable lazyfs status: {}", e.what());
         }
       } else if (++failures >= 20) {
-        error = fmt::format("`{}` failed (exit {}): {}", command_line(argv_), r.status, r.err);
+        error = fmt::format("lazyfs status of {}: {}", mountpoint_.string(), st.message());
       }
       lock.lock();
       if (complete || !error.empty()) {
@@ -371,11 +372,11 @@ class CompletionWatch {
         cv_.notify_all();
         return;
       }
-      cv_.wait_for(lock, 50ms, [&] { return stop_; });
+      cv_.wait_for(lock, 20ms, [&] { return stop_; });
     }
   }
 
-  const std::vector<std::string> argv_;
+  const fs::path mountpoint_;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool stop_ = false;         // guarded by mutex_
@@ -590,7 +591,7 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
     if (fill_first) {
       // lazyfs as an eager copier: the restore starts once every byte is
       // local, which times the fill alone against the eager copies.
-      CompletionWatch watch(mnt, ctx);
+      CompletionWatch watch(mnt);
       sample.wholly_local_s = seconds_between(t0, watch.wait(std::chrono::hours(2)));
     }
     t_setup = monotonic_ns();
@@ -612,7 +613,7 @@ Sample run_method(const std::string& method, const PreparedScenario& p, const Be
       // and a status of every file each time) does not slow the restore
       // down; a fill that ended during the restore is reported at its end
       // (an upper bound).
-      CompletionWatch watch(mnt, ctx);
+      CompletionWatch watch(mnt);
       sample.wholly_local_s = seconds_between(t0, watch.wait(std::chrono::hours(2)));
       st = m.status();
     }

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "lazyfs/filesystem.h"
 #include "lazyfs/hash.h"
 #include "lazyfs/log.h"
 
@@ -145,3 +146,11 @@ Status query_control(const std::filesystem::path& mountpoint, std::string& out, 
 }
 
 }  // namespace lazyfs::cli
+
+namespace lazyfs {
+
+Status query_status(const std::filesystem::path& mountpoint, std::string& json, bool with_files) {
+  return cli::query_control(mountpoint, json, with_files);
+}
+
+}  // namespace lazyfs

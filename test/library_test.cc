@@ -35,10 +35,10 @@ struct LibRig {
     copy_fixture(dir.path() / "images");
     return Catalog::load(dir.path() / "images");
   }
-  std::unique_ptr<Filesystem> mounted(const std::string& name) {
+  std::unique_ptr<Filesystem> mounted(const std::string& name, bool control_socket = false) {
     FilesystemOptions o;
     o.cache_dir = dir.path() / ("cache-" + name);
-    o.control_socket = false;
+    o.control_socket = control_socket;
     Status st;
     auto fs = Filesystem::create(catalog, source, o, st);
     REQUIRE(fs);
@@ -67,6 +67,32 @@ TEST_CASE("library: two file systems in one process, started and stopped", "[lib
   CHECK_FALSE(is_mounted(a->mountpoint()));
   CHECK_FALSE(is_mounted(b->mountpoint()));
   CHECK(nlohmann::json::parse(a->status_json())["fetched_bytes"] == 16u << 20);
+}
+
+TEST_CASE("library: query_status asks a mount over its status socket", "[library]") {
+  LibRig rig;
+  auto fs = rig.mounted("q", /*control_socket=*/true);
+  {
+    std::vector<uint8_t> got(1 << 20);
+    int fd = ::open((fs->mountpoint().string() + kBig).c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    CHECK(::pread(fd, got.data(), got.size(), 0) == static_cast<ssize_t>(got.size()));
+    ::close(fd);
+    CHECK(got == source_bytes(kBig, 0, got.size()));
+  }
+  std::string doc;
+  REQUIRE(query_status(fs->mountpoint(), doc, /*with_files=*/false).ok());
+  auto j = nlohmann::json::parse(doc);
+  CHECK(j["pid"] == ::getpid());
+  CHECK(j["fetched_bytes"].get<uint64_t>() >= 1u << 20);
+  CHECK(j["complete"] == false);
+  CHECK_FALSE(j.contains("files"));
+  REQUIRE(query_status(fs->mountpoint(), doc).ok());
+  CHECK(nlohmann::json::parse(doc).contains("files"));
+  fs->stop();
+  const auto st = query_status(fs->mountpoint(), doc);
+  CHECK_FALSE(st.ok());
+  CHECK_THAT(st.message(), Catch::Contains("no lazyfs mount is serving"));
 }
 
 TEST_CASE("library: lazy reads without a mount, errors as Status, logs to a callback",

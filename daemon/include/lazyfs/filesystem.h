@@ -86,4 +86,11 @@ class Filesystem {
   std::unique_ptr<Impl> impl_;
 };
 
+// The document `lazyfs status --json` prints, asked of the mount served at
+// `mountpoint` (by this process or another) over its status socket; without
+// the per-file list unless `with_files`. For a program that watches a mount
+// (a poll costs a connect and the document, no process).
+Status query_status(const std::filesystem::path& mountpoint, std::string& json,
+                    bool with_files = true);
+
 }  // namespace lazyfs
