@@ -363,7 +363,7 @@ class CompletionWatch {
         } catch (const std::exception& e) {
           error = fmt::format("unreadable lazyfs status: {}", e.what());
         }
-      } else if (++failures >= 20) {
+      } else if (++failures >= 50) {  // a second of polls
         error = fmt::format("lazyfs status of {}: {}", mountpoint_.string(), st.message());
       }
       lock.lock();
