@@ -300,7 +300,7 @@ class LazyfsMount {
 // construction until the mount says every served file is local ("complete":
 // true), and keeps the time it first did. Polled in this process
 // (lazyfs::query_status, what `lazyfs status --json --no-files` asks for),
-// which costs the daemon about 1.3 ms with 5,000 files. Before v15 each poll
+// which costs the daemon about 0.5 ms with 5,000 files. Before v15 each poll
 // was a `lazyfs status` process, every 50 ms, at some 19 ms of CPU (mostly
 // loading its libraries): a quarter of one of this VM's 2 cores while the
 // fill it timed ran.

@@ -58,7 +58,7 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
   auto files = nlohmann::json::array();
   uint64_t total = 0, fetched = 0, present = 0, local = 0;
   bool complete = true;
-  for (const auto& f : engine.file_stats()) {
+  for (const auto& f : engine.file_stats(with_files)) {
     const uint64_t size = f.size.value_or(0);
     total += size;
     fetched += f.fetched_bytes;

@@ -381,6 +381,20 @@ TEST_CASE("a restart on the same cache dir fetches nothing already present", "[e
   CHECK(again.ok_count() == 5);
   CHECK(rig.source->calls().size() == before);  // no new reads
   rig.check_bytes(7 * kBlock, 2 * kBlock);
+  // What the restart found, also as the totals without paths give it.
+  const auto stats = rig.engine->file_stats();
+  const auto totals = rig.engine->file_stats(/*with_paths=*/false);
+  REQUIRE(stats.size() == totals.size());
+  for (size_t i = 0; i < stats.size(); ++i) {
+    CHECK(totals[i].path.empty());
+    CHECK(totals[i].size == stats[i].size);
+    CHECK(totals[i].present_bytes == stats[i].present_bytes);
+    CHECK(totals[i].local_bytes == stats[i].local_bytes);
+    CHECK(totals[i].durable == stats[i].durable);
+  }
+  const auto f = rig.engine->file_stat(rig.file);
+  CHECK(f.present_bytes == 5 * kBlock);
+  CHECK(f.size == 64 * kBlock);
 }
 
 TEST_CASE(

@@ -551,6 +551,12 @@ uint64_t CacheFile::local_bytes() const {
   return local_.bytes_in({0, size_});
 }
 
+CacheFile::Counts CacheFile::counts() const {
+  std::lock_guard lock(mutex_);
+  return {size_, present_.bytes_in({0, size_}), local_.bytes_in({0, size_}),
+          generation_ != flushed_generation_};
+}
+
 RangeSet CacheFile::present_set() const {
   std::lock_guard lock(mutex_);
   return present_;

@@ -979,26 +979,28 @@ std::optional<uint64_t> FetchEngine::known_size(FileId id) const {
   return f.cache ? std::optional(f.cache->size()) : f.recorded_size;
 }
 
-FileStats FetchEngine::file_stat(FileId id) const {
+FileStats FetchEngine::file_stat(FileId id, bool with_path) const {
   File& f = *files_.at(id);  // its mutex is not const
   FileStats fs;
-  fs.path = f.path;
+  if (with_path) fs.path = f.path;
   fs.fetched_bytes = f.fetched_bytes;
   std::lock_guard lock(f.mutex);
-  fs.size = f.cache ? std::optional(f.cache->size()) : f.recorded_size;
+  fs.size = f.recorded_size;
   fs.stale = f.state == File::State::kStale;
   if (f.cache) {
-    fs.present_bytes = f.cache->present_bytes();
-    fs.local_bytes = f.cache->local_bytes();
-    fs.durable = !f.cache->dirty();
+    const auto c = f.cache->counts();
+    fs.size = c.size;
+    fs.present_bytes = c.present_bytes;
+    fs.local_bytes = c.local_bytes;
+    fs.durable = !c.dirty;
   }
   return fs;
 }
 
-std::vector<FileStats> FetchEngine::file_stats() const {
+std::vector<FileStats> FetchEngine::file_stats(bool with_paths) const {
   std::vector<FileStats> out;
   out.reserve(files_.size());
-  for (FileId id = 0; id < files_.size(); ++id) out.push_back(file_stat(id));
+  for (FileId id = 0; id < files_.size(); ++id) out.push_back(file_stat(id, with_paths));
   return out;
 }
 

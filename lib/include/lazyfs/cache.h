@@ -93,6 +93,14 @@ class CacheFile {
   std::vector<Range> missing(Range r) const;
   uint64_t present_bytes() const;
   uint64_t local_bytes() const;
+  // size(), present_bytes(), local_bytes() and dirty() at one instant.
+  struct Counts {
+    uint64_t size = 0;
+    uint64_t present_bytes = 0;
+    uint64_t local_bytes = 0;
+    bool dirty = false;
+  };
+  Counts counts() const;
   RangeSet present_set() const;
   RangeSet local_set() const;
 
