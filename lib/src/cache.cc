@@ -327,6 +327,23 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
                                            const std::string& path, uint64_t source_size,
                                            Status& status,
                                            const std::optional<SourceStat>& source_stat) {
+  auto map_path = base;
+  map_path += ".map";
+  return open_with_map(base, checkpoint_id, path, source_size, read_map(map_path), status,
+                       source_stat);
+}
+
+CacheFile::MapRead CacheFile::read_map(const std::filesystem::path& map_path) {
+  MapRead map;
+  map.error = read_whole_file(map_path, kMaxMapBytes, map.bytes);
+  return map;
+}
+
+std::unique_ptr<CacheFile> CacheFile::open_with_map(const std::filesystem::path& base,
+                                                    const std::string& checkpoint_id,
+                                                    const std::string& path, uint64_t source_size,
+                                                    MapRead map, Status& status,
+                                                    const std::optional<SourceStat>& source_stat) {
   status = Status();
   if (source_size > kMaxOffset) {
     status = Status::permanent(EFBIG, fmt::format("{}: size {} too large", path, source_size));
@@ -343,7 +360,7 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
   f->source_stat_ = source_stat;
   {
     std::lock_guard lock(f->mutex_);
-    status = f->load_map_locked();
+    status = f->load_map_locked(std::move(map));
   }
   if (!status.ok()) return nullptr;
   return f;
@@ -353,15 +370,18 @@ CacheFile::~CacheFile() {
   if (owner_) owner_->forget(this);
 }
 
-Status CacheFile::load_map_locked() {
-  // A leftover of a write_file_atomic that a crash interrupted.
-  auto tmp = map_path_;
-  tmp += ".tmp-lazyfs";
-  ::unlink(tmp.c_str());
-
-  std::vector<uint8_t> raw;
-  auto ec = read_whole_file(map_path_, kMaxMapBytes, raw);
-  bool have_map = ec != std::errc::no_such_file_or_directory;
+Status CacheFile::load_map_locked(MapRead map) {
+  const auto& ec = map.error;
+  const auto& raw = map.bytes;
+  const bool have_map = ec != std::errc::no_such_file_or_directory;
+  if (have_map) {
+    // A leftover of a map replacement that a crash interrupted. (Without a
+    // map one can only be left by a first map that commit_map() wrote: the
+    // next replacement of the map overwrites it.)
+    auto tmp = map_path_;
+    tmp += ".tmp-lazyfs";
+    ::unlink(tmp.c_str());
+  }
   std::optional<std::string> problem;
   MapContents m;
   UniqueFd data_fd;  // for the checks; it reopens when used
@@ -812,8 +832,17 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   }
   // Opened under mutex_ so that a path is opened once; opening reads the map
   // from local disk, nothing slower.
-  auto f =
-      CacheFile::open(dir_ / stem(path), checkpoint_id_, path, source_size, status, source_stat);
+  const auto base = dir_ / stem(path);
+  CacheFile::MapRead map;
+  if (no_map_.erase(path) > 0) {
+    map.error = std::make_error_code(std::errc::no_such_file_or_directory);
+  } else {
+    auto map_path = base;
+    map_path += ".map";
+    map = CacheFile::read_map(map_path);
+  }
+  auto f = CacheFile::open_with_map(base, checkpoint_id_, path, source_size, std::move(map), status,
+                                    source_stat);
   if (!f) return nullptr;
   return adopt(std::move(f));
 }
@@ -828,13 +857,18 @@ CacheFile* BlockCache::wholly_present_file(const std::string& path,
     return whole ? f : nullptr;
   }
   const auto base = dir_ / stem(path);
+  auto map_path = base;
+  map_path += ".map";
+  auto map = CacheFile::read_map(map_path);
+  if (map.error) {
+    // Most files of a cold cache: file() need not look again.
+    if (map.error == std::errc::no_such_file_or_directory) no_map_.insert(path);
+    return nullptr;
+  }
   if (!source_size) {
     // The map's own, which opening it checks with everything else.
-    std::vector<uint8_t> raw;
-    auto map_path = base;
-    map_path += ".map";
-    if (read_whole_file(map_path, kMaxMapBytes, raw)) return nullptr;
-    MapReader in(std::string_view(reinterpret_cast<const char*>(raw.data()), raw.size()));
+    MapReader in(
+        std::string_view(reinterpret_cast<const char*>(map.bytes.data()), map.bytes.size()));
     in.bytes(kMagic.size() + 4);
     in.bytes(in.u32());
     in.bytes(in.u32());
@@ -842,7 +876,8 @@ CacheFile* BlockCache::wholly_present_file(const std::string& path,
     if (!in.ok()) return nullptr;
   }
   Status status;
-  auto f = CacheFile::open(base, checkpoint_id_, path, *source_size, status);
+  auto f = CacheFile::open_with_map(base, checkpoint_id_, path, *source_size, std::move(map),
+                                    status, {});
   if (!f || !f->wholly_present() || !f->source_stat()) return nullptr;
   return adopt(std::move(f));
 }

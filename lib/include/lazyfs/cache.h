@@ -43,6 +43,8 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
+#include <vector>
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/ranges.h"
@@ -125,7 +127,19 @@ class CacheFile {
 
  private:
   CacheFile() = default;
-  Status load_map_locked();
+  // The map file as read: its bytes, or why they could not be read.
+  struct MapRead {
+    std::error_code error;
+    std::vector<uint8_t> bytes;
+  };
+  // open() with the map already read (or known to be missing).
+  static std::unique_ptr<CacheFile> open_with_map(const std::filesystem::path& base,
+                                                  const std::string& checkpoint_id,
+                                                  const std::string& path, uint64_t source_size,
+                                                  MapRead map, Status& status,
+                                                  const std::optional<SourceStat>& source_stat);
+  static MapRead read_map(const std::filesystem::path& map_path);
+  Status load_map_locked(MapRead map);
   // Closes the data file (it reopens when next used); with mutex_ held.
   void close_data_locked();
   void adopt_source_stat_locked(const std::optional<SourceStat>& recorded);
@@ -217,6 +231,10 @@ class BlockCache {
   std::mutex flush_all_mutex_;  // one batched flush at a time; taken before mutex_
   std::mutex mutex_;
   std::unordered_map<std::string, std::unique_ptr<CacheFile>> files_;  // guarded by mutex_
+  // Paths not opened yet whose map wholly_present_file() found missing:
+  // file() opens them without looking again (only this cache writes maps of
+  // this checkpoint here, and only of files it opened).
+  std::unordered_set<std::string> no_map_;  // guarded by mutex_
   mutable std::mutex lru_mutex_;
   std::list<CacheFile*> lru_;  // guarded by lru_mutex_; files with an open data file, newest first
 };
