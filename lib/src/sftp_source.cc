@@ -290,6 +290,7 @@ class Session {
   // an unknown state and must not be used again.
   bool broken() const { return broken_; }
   void mark_broken() { broken_ = true; }
+  uint64_t take_writes() { return std::exchange(writes_, 0); }
   bool timed_out() const { return timed_out_; }
 
   Status connect(std::mutex& known_hosts_mu);
@@ -323,6 +324,8 @@ class Session {
   Status fill(size_t need);
   Status receive(Reply& reply);
   Status receive_any(Reply& reply);
+  Status absorb_close(const Reply& reply);
+  bool reply_buffered();
   Status call(const Outgoing& out, uint32_t id, Reply& reply);
 
   Status run_transfers(std::span<Transfer> transfers, const std::vector<std::string>& close_first,
@@ -337,6 +340,7 @@ class Session {
   std::unique_ptr<SshChannel> channel_;
   bool broken_ = false;
   bool timed_out_ = false;
+  uint64_t writes_ = 0;  // sends since take_writes()
   uint32_t next_id_ = 1;
   std::string open_path_;    // the file kept open since the last read, if any
   std::string open_handle_;  // its SFTP handle
@@ -428,6 +432,7 @@ Status Session::start_sftp() {
 }
 
 Status Session::send(const Outgoing& out) {
+  ++writes_;
   auto st = channel_->write(out.bytes());
   return st.ok() ? st : channel_error(std::move(st));
 }
@@ -455,15 +460,37 @@ Status Session::receive(Reply& reply) {
   while (true) {
     auto st = receive_any(reply);
     if (!st.ok()) return st;
-    auto it = unanswered_closes_.find(reply.id);
-    if (it == unanswered_closes_.end()) return {};
-    unanswered_closes_.erase(it);
-    Fields f(reply.body);
-    if (reply.type != kFxpStatus) {
-      return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
-    }
-    if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
+    if (!unanswered_closes_.contains(reply.id)) return {};
+    if (st = absorb_close(reply); !st.ok()) return st;
   }
+}
+
+Status Session::absorb_close(const Reply& reply) {
+  unanswered_closes_.erase(reply.id);
+  Fields f(reply.body);
+  if (reply.type != kFxpStatus) {
+    return protocol_error(fmt::format("CLOSE answered by {}", reply.type));
+  }
+  if (f.u32() != kFxOk) log::debug(kLog, "close failed endpoint={}", s_.endpoint);
+  return {};
+}
+
+// Whether receive() has a reply without reading from the channel: a whole
+// one other than a CLOSE's is in the buffer (CLOSE replies in front of it
+// are taken on the way). A bad one counts, for receive() to report.
+bool Session::reply_buffered() {
+  while (rend_ - rpos_ >= 9) {
+    Fields head(std::span<const std::byte>(rbuf_).subspan(rpos_, 9));
+    const uint32_t len = head.u32();
+    head.u8();
+    const uint32_t id = head.u32();
+    if (len < 5 || len > kMaxReply) return true;
+    if (rend_ - rpos_ < 4 + size_t{len}) return false;
+    if (!unanswered_closes_.contains(id)) return true;
+    Reply reply;
+    if (!receive_any(reply).ok() || !absorb_close(reply).ok()) return true;
+  }
+  return false;
 }
 
 Status Session::receive_any(Reply& reply) {
@@ -589,82 +616,84 @@ Status Session::stat_many(const std::vector<std::string>& remotes, std::vector<b
     }
     if (owner.empty()) break;
 
-    auto st = receive(reply);
-    if (!st.ok()) return st;
-    auto o = owner.find(reply.id);
-    if (o == owner.end()) {
-      return protocol_error(fmt::format("reply to unknown request {}", reply.id));
-    }
-    const auto [what, at] = o->second;
-    owner.erase(o);
-    Fields f(reply.body);
-    switch (what) {
-      case For::kStat: {
-        --stats_in_flight;
-        SourceStat attrs;
-        Status result;
-        if (reply.type == kFxpStatus) {
-          result = status_error(f, remotes[at]);
-          if (broken_) return result;
-        } else if (reply.type != kFxpAttrs || !parse_attrs(f, attrs)) {
-          return protocol_error(fmt::format("STAT answered by {}", reply.type));
-        }
-        answered[at] = true;
-        done(at, result, attrs);
-        break;
+    do {  // the replies already here, before their requests go out (run_transfers)
+      auto st = receive(reply);
+      if (!st.ok()) return st;
+      auto o = owner.find(reply.id);
+      if (o == owner.end()) {
+        return protocol_error(fmt::format("reply to unknown request {}", reply.id));
       }
-      case For::kOpendir: {
-        Listing& l = listings[at];
-        if (reply.type == kFxpHandle) {
-          l.handle = f.str();
-          if (!f.ok()) return protocol_error("truncated HANDLE");
-          send_readdir(at);
-        } else if (reply.type == kFxpStatus) {
-          // Not listable (the files may still be statable): one by one.
-          auto refused = status_error(f, l.dir);
-          if (broken_) return refused;
-          end_listing(at);
-        } else {
-          return protocol_error(fmt::format("OPENDIR answered by {}", reply.type));
-        }
-        break;
-      }
-      case For::kReaddir: {
-        Listing& l = listings[at];
-        if (reply.type == kFxpStatus) {
-          // The end of the listing, or an error: the rest one by one.
-          auto ended = status_error(f, l.dir);
-          if (broken_) return ended;
-          end_listing(at);
+      const auto [what, at] = o->second;
+      owner.erase(o);
+      Fields f(reply.body);
+      switch (what) {
+        case For::kStat: {
+          --stats_in_flight;
+          SourceStat attrs;
+          Status result;
+          if (reply.type == kFxpStatus) {
+            result = status_error(f, remotes[at]);
+            if (broken_) return result;
+          } else if (reply.type != kFxpAttrs || !parse_attrs(f, attrs)) {
+            return protocol_error(fmt::format("STAT answered by {}", reply.type));
+          }
+          answered[at] = true;
+          done(at, result, attrs);
           break;
         }
-        if (reply.type != kFxpName) {
-          return protocol_error(fmt::format("READDIR answered by {}", reply.type));
+        case For::kOpendir: {
+          Listing& l = listings[at];
+          if (reply.type == kFxpHandle) {
+            l.handle = f.str();
+            if (!f.ok()) return protocol_error("truncated HANDLE");
+            send_readdir(at);
+          } else if (reply.type == kFxpStatus) {
+            // Not listable (the files may still be statable): one by one.
+            auto refused = status_error(f, l.dir);
+            if (broken_) return refused;
+            end_listing(at);
+          } else {
+            return protocol_error(fmt::format("OPENDIR answered by {}", reply.type));
+          }
+          break;
         }
-        const uint32_t count = f.u32();
-        for (uint32_t e = 0; e < count && f.ok(); ++e) {
-          std::string name = f.str();
-          f.bytes();  // the ls -l style long name
-          SourceStat attrs;
-          uint32_t flags = 0;
-          if (!parse_attrs(f, attrs, &flags)) break;
-          auto w = l.wanted.find(name);
-          if (w == l.wanted.end() || !answers_stat(flags, attrs)) continue;
-          const size_t i = w->second;
-          l.wanted.erase(w);
-          answered[i] = true;
-          done(i, {}, attrs);
+        case For::kReaddir: {
+          Listing& l = listings[at];
+          if (reply.type == kFxpStatus) {
+            // The end of the listing, or an error: the rest one by one.
+            auto ended = status_error(f, l.dir);
+            if (broken_) return ended;
+            end_listing(at);
+            break;
+          }
+          if (reply.type != kFxpName) {
+            return protocol_error(fmt::format("READDIR answered by {}", reply.type));
+          }
+          const uint32_t count = f.u32();
+          for (uint32_t e = 0; e < count && f.ok(); ++e) {
+            std::string name = f.str();
+            f.bytes();  // the ls -l style long name
+            SourceStat attrs;
+            uint32_t flags = 0;
+            if (!parse_attrs(f, attrs, &flags)) break;
+            auto w = l.wanted.find(name);
+            if (w == l.wanted.end() || !answers_stat(flags, attrs)) continue;
+            const size_t i = w->second;
+            l.wanted.erase(w);
+            answered[i] = true;
+            done(i, {}, attrs);
+          }
+          if (!f.ok()) return protocol_error("truncated NAME");
+          l.listed += count;
+          if (l.wanted.empty() || l.listed >= l.limit) {
+            end_listing(at);
+          } else {
+            send_readdir(at);
+          }
+          break;
         }
-        if (!f.ok()) return protocol_error("truncated NAME");
-        l.listed += count;
-        if (l.wanted.empty() || l.listed >= l.limit) {
-          end_listing(at);
-        } else {
-          send_readdir(at);
-        }
-        break;
       }
-    }
+    } while (reply_buffered());
   }
   return {};
 }
@@ -833,59 +862,65 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
     }
     if (owner.empty()) break;
 
-    auto st = receive(reply);
-    if (!st.ok()) return st;
-    auto o = owner.find(reply.id);
-    if (o == owner.end())
-      return protocol_error(fmt::format("reply to unknown request {}", reply.id));
-    const size_t i = o->second;
-    owner.erase(o);
-    Fields f(reply.body);
-    Transfer& t = ts[i];
-    if (t.step == Transfer::Step::kOpening) {
-      if (reply.type == kFxpStatus) {
-        t.failure = status_error(f, t.remote);
-        if (broken_) return t.failure;
-        finish(i);
+    // Every reply already here is handled before the requests they lead to
+    // go out together: one write to the channel for many replies, not one
+    // each (each write wakes the ssh client, and on the far side sshd and
+    // sftp-server, for a few dozen bytes).
+    do {
+      auto st = receive(reply);
+      if (!st.ok()) return st;
+      auto o = owner.find(reply.id);
+      if (o == owner.end())
+        return protocol_error(fmt::format("reply to unknown request {}", reply.id));
+      const size_t i = o->second;
+      owner.erase(o);
+      Fields f(reply.body);
+      Transfer& t = ts[i];
+      if (t.step == Transfer::Step::kOpening) {
+        if (reply.type == kFxpStatus) {
+          t.failure = status_error(f, t.remote);
+          if (broken_) return t.failure;
+          finish(i);
+          continue;
+        }
+        if (reply.type != kFxpHandle) {
+          return protocol_error(fmt::format("OPEN answered by {}", reply.type));
+        }
+        t.handle = f.str();
+        if (!f.ok() || t.handle.empty()) return protocol_error("bad HANDLE");
+        t.step = Transfer::Step::kReading;
+        if (t.keep) {
+          open_path_ = t.remote;
+          open_handle_ = t.handle;
+        }
         continue;
       }
-      if (reply.type != kFxpHandle) {
-        return protocol_error(fmt::format("OPEN answered by {}", reply.type));
+      if (t.fstat_id != 0 && reply.id == t.fstat_id) {
+        t.fstat_id = 0;
+        SourceStat now;
+        // A server that cannot say leaves the read unchecked.
+        if (reply.type == kFxpAttrs && parse_attrs(f, now) && t.failure.ok()) {
+          if (auto why = changed_since(*t.expect, now); !why.empty()) {
+            t.failure = Status::permanent(
+                ESTALE,
+                fmt::format("{} changed on the source since it was checked ({})", t.remote, why));
+          }
+        }
+        continue;
       }
-      t.handle = f.str();
-      if (!f.ok() || t.handle.empty()) return protocol_error("bad HANDLE");
-      t.step = Transfer::Step::kReading;
-      if (t.keep) {
-        open_path_ = t.remote;
-        open_handle_ = t.handle;
-      }
-      continue;
-    }
-    if (t.fstat_id != 0 && reply.id == t.fstat_id) {
-      t.fstat_id = 0;
-      SourceStat now;
-      // A server that cannot say leaves the read unchecked.
-      if (reply.type == kFxpAttrs && parse_attrs(f, now) && t.failure.ok()) {
-        if (auto why = changed_since(*t.expect, now); !why.empty()) {
-          t.failure = Status::permanent(
-              ESTALE,
-              fmt::format("{} changed on the source since it was checked ({})", t.remote, why));
+      st = on_read_reply(t, reply);
+      if (!st.ok()) return st;
+      // A short DATA asks again for the rest, under a new id.
+      for (const auto& p : t.reads) {
+        if (!p.done && !owner.contains(p.id)) {
+          queue_read(out, t.handle, p);
+          owner[p.id] = i;
         }
       }
-      continue;
-    }
-    st = on_read_reply(t, reply);
-    if (!st.ok()) return st;
-    // A short DATA asks again for the rest, under a new id.
-    for (const auto& p : t.reads) {
-      if (!p.done && !owner.contains(p.id)) {
-        queue_read(out, t.handle, p);
-        owner[p.id] = i;
-      }
-    }
-    size_t before = t.reads.size();
-    deliver_front(t);
-    reads_in_flight -= before - t.reads.size();
+      size_t before = t.reads.size();
+      deliver_front(t);
+      reads_in_flight -= before - t.reads.size();
+    } while (reply_buffered());
   }
   return {};
 }
@@ -1120,6 +1155,7 @@ class SftpSource final : public Source {
         checkin(std::move(session));
         throw;
       }
+      counters_.request_writes.fetch_add(session->take_writes(), std::memory_order_relaxed);
       const bool retry = !st.ok() && session->broken() && !session->timed_out() && !fresh &&
                          !progressed && attempt == 0;
       if (st.ok() || !session->broken()) {

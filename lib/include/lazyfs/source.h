@@ -45,6 +45,8 @@ struct SourceCounters {
   std::atomic<uint64_t> reads{0};       // read requests served
   std::atomic<uint64_t> bytes_read{0};  // payload bytes received
   std::atomic<uint64_t> stats{0};
+  // Writes of requests to the connections (SFTP): one can carry many.
+  std::atomic<uint64_t> request_writes{0};
 };
 
 enum class SourceState { kConnected, kRetrying, kDown };
