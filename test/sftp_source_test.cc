@@ -18,6 +18,7 @@
 #include <sstream>
 #include <thread>
 
+#include "../lib/src/sftp_hooks.h"
 #include "lazyfs/sftp_source.h"
 #include "sshd_fixture.h"
 #include "test_util.h"
@@ -509,6 +510,89 @@ TEST_CASE("sftp source: read_many pipelines many files on one session", "[sftp]"
   auto r = read_range(*source, big.string(), 0, 1000);
   REQUIRE(r.status.ok());
   CHECK(r.data == expected_slice(big_bytes, 0, 1000));
+}
+
+TEST_CASE("sftp source: a read of another file sends its READs with the OPEN", "[sftp]") {
+  const auto client = GENERATE(SshClient::kOpenSsh, SshClient::kLibssh2);
+  INFO(client_name(client));
+  SshServer server;
+  std::mt19937_64 rng(12);
+  std::uniform_int_distribution<size_t> size(1, 200000);
+  std::vector<std::filesystem::path> files;
+  std::vector<std::vector<uint8_t>> bytes;
+  for (int i = 0; i < 30; ++i) {
+    files.push_back(server.dir() / fmt::format("f{:02}", i));
+    bytes.push_back(make_random_file(files.back(), size(rng), static_cast<uint64_t>(i)));
+  }
+  auto options = server.options(client);
+  options.connections = 1;
+  auto source = connect(options);
+  const auto& c = source->counters();
+  const auto read_whole = [&](size_t i) {
+    INFO(files[i]);
+    auto r = read_range(*source, files[i].string(), 0, bytes[i].size());
+    CHECK(r.status.ok());
+    CHECK(r.in_order);
+    CHECK(r.data == bytes[i]);
+  };
+  read_whole(0);  // no file open before it: OPEN, then its READs
+
+  // Each next file's CLOSE, OPEN and READs (up to 4 of 64 KiB) go out in
+  // one write, and the OPEN got the predicted handle: one round trip. Asked
+  // reply by reply it took two writes.
+  auto writes = c.request_writes.load();
+  for (size_t i = 1; i < 20; ++i) read_whole(i);
+  CHECK(c.predicted_opens == 19);
+  CHECK(c.request_writes - writes == 19);
+
+  SECTION("a file that cannot be opened fails alone; its READs' answers are dropped") {
+    auto r = read_range(*source, (server.dir() / "missing").string(), 0, 100);
+    CHECK(r.status.errnum() == ENOENT);
+    CHECK(r.data.empty());
+    read_whole(20);
+    read_whole(21);
+    CHECK(c.predicted_opens == 20);  // 21's: after the failed OPEN nothing was open for 20
+  }
+  SECTION("a changed file fails with ESTALE before any byte, checked with the predicted handle") {
+    SourceStat st;
+    REQUIRE(source->stat(files[20].string(), st).ok());
+    const timespec times[2] = {{0, UTIME_OMIT}, {st.mtime + 60, 0}};
+    REQUIRE(::utimensat(AT_FDCWD, files[20].c_str(), times, 0) == 0);
+    std::vector<uint8_t> got;
+    Status status;
+    std::vector<Source::ReadRange> ranges{{files[20].string(), 0, st.size,
+                                           [&](uint64_t, std::span<const std::byte> data) {
+                                             const auto* p =
+                                                 reinterpret_cast<const uint8_t*>(data.data());
+                                             got.insert(got.end(), p, p + data.size());
+                                           },
+                                           st}};
+    source->read_many(ranges, [&](size_t, const Status& s) { status = s; });
+    CHECK(status.errnum() == ESTALE);
+    CHECK(got.empty());
+    CHECK(c.predicted_opens == 20);
+    read_whole(21);
+  }
+  SECTION(
+      "a server whose handles are not as predicted gets the READs again, and no more "
+      "predictions") {
+    {
+      lazyfs::sftp_hooks::mispredict_handles = true;
+      struct Reset {
+        ~Reset() { lazyfs::sftp_hooks::mispredict_handles = false; }
+      } reset;
+      read_whole(20);
+    }
+    CHECK(c.predicted_opens == 19);
+    writes = c.request_writes.load();
+    read_whole(21);
+    read_whole(22);
+    CHECK(c.predicted_opens == 19);
+    CHECK(c.request_writes - writes == 4);
+  }
+  // The session stayed in step throughout.
+  read_whole(25);
+  CHECK(c.connects == 1);
 }
 
 TEST_CASE("sftp source: a sink that throws gives its session back", "[sftp]") {

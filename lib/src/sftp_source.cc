@@ -43,9 +43,14 @@
 
 #include "lazyfs/fileio.h"
 #include "lazyfs/log.h"
+#include "sftp_hooks.h"
 #include "ssh_channel.h"
 
 namespace lazyfs {
+
+namespace sftp_hooks {
+std::atomic<bool> mispredict_handles{false};
+}  // namespace sftp_hooks
 namespace detail {
 
 std::string errno_text(int errnum) {
@@ -253,18 +258,24 @@ struct Transfer {
   enum class Step { kWaiting, kOpening, kReading, kDone };
   Transfer(std::string remote_path, uint64_t offset, uint64_t length, const ChunkSink& s)
       : remote(std::move(remote_path)),
+        begin(offset),
         end(length > UINT64_MAX - offset ? UINT64_MAX : offset + length),
         next(offset),
         sink(&s) {}
 
   std::string remote;
-  uint64_t end;   // one past the last byte wanted
-  uint64_t next;  // the first byte not yet asked for
+  uint64_t begin;  // the first byte wanted
+  uint64_t end;    // one past the last byte wanted
+  uint64_t next;   // the first byte not yet asked for
   const ChunkSink* sink;
   Step step = Step::kWaiting;
   bool keep = false;  // the session keeps the file open afterwards
   uint32_t open_id = 0;
   std::string handle;
+  // The handle the OPEN is expected to get (see Session::read): its FSTAT
+  // and READs go out with the OPEN, `speculating` until its reply says.
+  std::string predicted;
+  bool speculating = false;
   std::deque<PendingRead> reads;     // READs not yet handed on, in offset order
   bool eof = false;                  // a READ met the end: ask for nothing further
   bool past_end = false;             // the front met the end: deliver nothing further
@@ -279,7 +290,10 @@ struct Transfer {
 // checked it out of the pool.
 class Session {
  public:
-  explicit Session(const SshSettings& settings) : s_(settings) {}
+  // `predict_handles` is the pool's: whether OPENs get the handle that
+  // read() predicts (see there); cleared when a server's do not.
+  Session(const SshSettings& settings, std::atomic<bool>& predict_handles)
+      : s_(settings), predict_handles_(predict_handles) {}
   ~Session() {
     if (broken_ && channel_) channel_->abandon();
   }
@@ -291,6 +305,7 @@ class Session {
   bool broken() const { return broken_; }
   void mark_broken() { broken_ = true; }
   uint64_t take_writes() { return std::exchange(writes_, 0); }
+  uint64_t take_predicted() { return std::exchange(predicted_, 0); }
   bool timed_out() const { return timed_out_; }
 
   Status connect(std::mutex& known_hosts_mu);
@@ -326,6 +341,7 @@ class Session {
   Status receive_any(Reply& reply);
   Status absorb_close(const Reply& reply);
   bool reply_buffered();
+  size_t drop_speculation(Transfer& t, std::unordered_map<uint32_t, size_t>& owner);
   Status call(const Outgoing& out, uint32_t id, Reply& reply);
 
   Status run_transfers(std::span<Transfer> transfers, const std::vector<std::string>& close_first,
@@ -340,11 +356,14 @@ class Session {
   std::unique_ptr<SshChannel> channel_;
   bool broken_ = false;
   bool timed_out_ = false;
-  uint64_t writes_ = 0;  // sends since take_writes()
+  uint64_t writes_ = 0;     // sends since take_writes()
+  uint64_t predicted_ = 0;  // OPENs whose handle read() predicted, since take_predicted()
+  std::atomic<bool>& predict_handles_;
   uint32_t next_id_ = 1;
   std::string open_path_;    // the file kept open since the last read, if any
   std::string open_handle_;  // its SFTP handle
   std::unordered_set<uint32_t> unanswered_closes_;  // CLOSEs whose reply is not read yet
+  std::unordered_set<uint32_t> discarded_;          // requests whose reply is read and dropped
   std::vector<std::byte> rbuf_;
   size_t rpos_ = 0;
   size_t rend_ = 0;
@@ -460,6 +479,7 @@ Status Session::receive(Reply& reply) {
   while (true) {
     auto st = receive_any(reply);
     if (!st.ok()) return st;
+    if (discarded_.erase(reply.id) > 0) continue;
     if (!unanswered_closes_.contains(reply.id)) return {};
     if (st = absorb_close(reply); !st.ok()) return st;
   }
@@ -476,8 +496,9 @@ Status Session::absorb_close(const Reply& reply) {
 }
 
 // Whether receive() has a reply without reading from the channel: a whole
-// one other than a CLOSE's is in the buffer (CLOSE replies in front of it
-// are taken on the way). A bad one counts, for receive() to report.
+// one other than a CLOSE's or a dropped request's is in the buffer (those in
+// front of it are taken on the way). A bad one counts, for receive() to
+// report.
 bool Session::reply_buffered() {
   while (rend_ - rpos_ >= 9) {
     Fields head(std::span<const std::byte>(rbuf_).subspan(rpos_, 9));
@@ -486,9 +507,11 @@ bool Session::reply_buffered() {
     const uint32_t id = head.u32();
     if (len < 5 || len > kMaxReply) return true;
     if (rend_ - rpos_ < 4 + size_t{len}) return false;
-    if (!unanswered_closes_.contains(id)) return true;
+    if (!unanswered_closes_.contains(id) && !discarded_.contains(id)) return true;
     Reply reply;
-    if (!receive_any(reply).ok() || !absorb_close(reply).ok()) return true;
+    if (!receive_any(reply).ok()) return true;
+    if (discarded_.erase(reply.id) > 0) continue;
+    if (!absorb_close(reply).ok()) return true;
   }
   return false;
 }
@@ -754,6 +777,13 @@ Status Session::read(const std::string& remote, uint64_t offset, uint64_t length
     t.handle = open_handle_;
     t.step = Transfer::Step::kReading;
   } else if (!open_handle_.empty()) {
+    // OpenSSH's sftp-server keeps its free handles on a stack: the OPEN that
+    // follows this CLOSE gets the handle just closed. So the FSTAT and READs
+    // go out with the OPEN, with that handle, and a miss on another file
+    // takes one round trip instead of two. A server that numbers handles
+    // otherwise fails those requests (the handle is closed), and they are
+    // sent again with the handle it gave (see run_transfers).
+    if (predict_handles_.load(std::memory_order_relaxed)) t.predicted = open_handle_;
     close_first.push_back(std::exchange(open_handle_, {}));
     open_path_.clear();
   }
@@ -822,6 +852,12 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
         out.end();
         owner[t.open_id] = next_open;
         t.step = Transfer::Step::kOpening;
+        if (!t.predicted.empty()) {
+          t.handle = t.predicted;
+          if (sftp_hooks::mispredict_handles.load(std::memory_order_relaxed)) t.handle += '?';
+          t.speculating = true;
+          t.step = Transfer::Step::kReading;
+        }
       }
       if (t.step != Transfer::Step::kDone) active.push_back(next_open);
     }
@@ -848,7 +884,7 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
           ++reads_in_flight;
         }
         const bool asked_all = t.eof || !t.failure.ok() || t.next >= t.end;
-        if (asked_all && t.reads.empty() && t.fstat_id == 0) {
+        if (asked_all && t.reads.empty() && t.fstat_id == 0 && !t.speculating) {
           finish(i);  // removes it from `active`
           continue;
         }
@@ -876,24 +912,54 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
       owner.erase(o);
       Fields f(reply.body);
       Transfer& t = ts[i];
-      if (t.step == Transfer::Step::kOpening) {
+      if (t.step == Transfer::Step::kOpening || (t.speculating && reply.id == t.open_id)) {
         if (reply.type == kFxpStatus) {
           t.failure = status_error(f, t.remote);
           if (broken_) return t.failure;
+          if (t.speculating) {
+            reads_in_flight -= drop_speculation(t, owner);
+            t.speculating = false;
+            t.handle.clear();  // nothing to close
+          }
           finish(i);
           continue;
         }
         if (reply.type != kFxpHandle) {
           return protocol_error(fmt::format("OPEN answered by {}", reply.type));
         }
-        t.handle = f.str();
-        if (!f.ok() || t.handle.empty()) return protocol_error("bad HANDLE");
+        std::string handle = f.str();
+        if (!f.ok() || handle.empty()) return protocol_error("bad HANDLE");
+        if (t.speculating && handle == t.handle) {
+          ++predicted_;
+        } else if (t.speculating) {
+          // Its requests went out with a handle that is not the file's: they
+          // fail, and are asked again with this one. Not predicted again.
+          if (predict_handles_.exchange(false)) {
+            log::info(kLog,
+                      "the server's handles are not as predicted; OPENs wait for theirs "
+                      "endpoint={}",
+                      s_.endpoint);
+          }
+          reads_in_flight -= drop_speculation(t, owner);
+          t.next = t.begin;
+          t.eof = false;
+          t.checked = false;
+        }
+        t.speculating = false;
+        t.handle = std::move(handle);
         t.step = Transfer::Step::kReading;
         if (t.keep) {
           open_path_ = t.remote;
           open_handle_ = t.handle;
         }
         continue;
+      }
+      if (t.speculating) {
+        // An answer to a request sent with the predicted handle came before
+        // the OPEN's: whose file it read is not known yet. This server answers
+        // out of order; it gets no more predictions.
+        predict_handles_.store(false, std::memory_order_relaxed);
+        return protocol_error(fmt::format("reply to {} ahead of its OPEN's", reply.id));
       }
       if (t.fstat_id != 0 && reply.id == t.fstat_id) {
         t.fstat_id = 0;
@@ -923,6 +989,22 @@ Status Session::run_transfers(std::span<Transfer> ts, const std::vector<std::str
     } while (reply_buffered());
   }
   return {};
+}
+
+// Forgets the FSTAT and READs sent with a transfer's predicted handle:
+// their replies are read and dropped. Returns the READs forgotten.
+size_t Session::drop_speculation(Transfer& t, std::unordered_map<uint32_t, size_t>& owner) {
+  const size_t reads = t.reads.size();
+  for (const auto& p : t.reads) {
+    if (owner.erase(p.id) > 0) discarded_.insert(p.id);
+  }
+  t.reads.clear();
+  if (t.fstat_id != 0) {
+    owner.erase(t.fstat_id);
+    discarded_.insert(t.fstat_id);
+    t.fstat_id = 0;
+  }
+  return reads;
 }
 
 // Handles a READ's reply: DATA is handed on (or held until the bytes before
@@ -1102,7 +1184,7 @@ class SftpSource final : public Source {
           if (open_ >= s_.connections) return;
           ++open_;
         }
-        auto session = std::make_unique<Session>(s_);
+        auto session = std::make_unique<Session>(s_, predict_handles_);
         if (session->connect(known_hosts_mu_).ok()) {
           counters_.connects.fetch_add(1, std::memory_order_relaxed);
           checkin(std::move(session));
@@ -1156,6 +1238,7 @@ class SftpSource final : public Source {
         throw;
       }
       counters_.request_writes.fetch_add(session->take_writes(), std::memory_order_relaxed);
+      counters_.predicted_opens.fetch_add(session->take_predicted(), std::memory_order_relaxed);
       const bool retry = !st.ok() && session->broken() && !session->timed_out() && !fresh &&
                          !progressed && attempt == 0;
       if (st.ok() || !session->broken()) {
@@ -1189,7 +1272,7 @@ class SftpSource final : public Source {
       }
       ++open_;
     }
-    auto session = std::make_unique<Session>(s_);
+    auto session = std::make_unique<Session>(s_, predict_handles_);
     auto st = session->connect(known_hosts_mu_);
     if (!st.ok()) {
       counters_.connect_failures.fetch_add(1, std::memory_order_relaxed);
@@ -1228,7 +1311,8 @@ class SftpSource final : public Source {
 
   detail::Cancellation cancellation_;  // before s_, which points to it
   const SshSettings s_;
-  std::mutex known_hosts_mu_;  // serialises reading and appending known_hosts
+  std::mutex known_hosts_mu_;                // serialises reading and appending known_hosts
+  std::atomic<bool> predict_handles_{true};  // see Session::read; before idle_
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Session>> idle_;  // guarded by mu_

@@ -47,6 +47,9 @@ struct SourceCounters {
   std::atomic<uint64_t> stats{0};
   // Writes of requests to the connections (SFTP): one can carry many.
   std::atomic<uint64_t> request_writes{0};
+  // OPENs that got the handle lazyfs predicted, its READs already sent
+  // (SFTP; see docs/architecture.md "Sources").
+  std::atomic<uint64_t> predicted_opens{0};
 };
 
 enum class SourceState { kConnected, kRetrying, kDown };
