@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -21,6 +22,7 @@
 #include <iterator>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -230,6 +232,57 @@ fs::path map_of(const fs::path& base) {
   return fs::path(base.string() + ".map");
 }
 
+constexpr const char* kMapAttribute = "user.lazyfs";
+
+// The map kept in the data file's attribute, if it has one.
+std::optional<std::vector<uint8_t>> map_attribute(const fs::path& base) {
+  std::vector<uint8_t> v(1 << 16);
+  const ssize_t n = ::lgetxattr(data_of(base).c_str(), kMapAttribute, v.data(), v.size());
+  if (n < 0) return std::nullopt;
+  v.resize(static_cast<size_t>(n));
+  return v;
+}
+
+void set_map_attribute(const fs::path& base, const std::vector<uint8_t>& v) {
+  REQUIRE(::lsetxattr(data_of(base).c_str(), kMapAttribute, v.data(), v.size(), 0) == 0);
+}
+
+bool has_map(const fs::path& base) {
+  return map_attribute(base) || fs::exists(map_of(base));
+}
+
+// The map's bytes where the cache reads it from (the attribute first).
+std::vector<uint8_t> map_bytes(const fs::path& base) {
+  if (auto a = map_attribute(base)) return *a;
+  return fs::exists(map_of(base)) ? lazyfs::test::read_bytes(map_of(base)) : std::vector<uint8_t>{};
+}
+
+// Whether `dir`'s file system takes user extended attributes (ext4 and
+// tmpfs here do); where it does not, every map is a .map file.
+bool user_attributes(const fs::path& dir) {
+  const auto probe = dir / "attribute-probe";
+  lazyfs::test::write_bytes(probe, {});
+  const bool ok = ::lsetxattr(probe.c_str(), "user.probe", "x", 1, 0) == 0;
+  fs::remove(probe);
+  if (!ok) WARN("no user extended attributes under " << dir << ": only .map files are tested");
+  return ok;
+}
+
+// While it lives, caches keep every map in a .map file, as on a file system
+// without user extended attributes.
+class MapFiles {
+ public:
+  explicit MapFiles(bool on = true) : before_(hooks::no_attribute_maps) {
+    hooks::no_attribute_maps = on;
+  }
+  ~MapFiles() { hooks::no_attribute_maps = before_; }
+  MapFiles(const MapFiles&) = delete;
+  MapFiles& operator=(const MapFiles&) = delete;
+
+ private:
+  bool before_;
+};
+
 }  // namespace
 
 TEST_CASE("cache: fetched bytes become present", "[cache]") {
@@ -273,22 +326,48 @@ TEST_CASE("cache: fetched bytes become present", "[cache]") {
   }
 
   SECTION("flush records the map and is a no-op when clean") {
+    const bool attributes = user_attributes(dir.path());
     require_ok(f->flush());
     CHECK_FALSE(f->dirty());
-    CHECK(mode_of(map_of(base)) == 0600);
+    // In the data file's attribute: no second inode.
+    CHECK(map_attribute(base).has_value() == attributes);
+    CHECK(fs::exists(map_of(base)) == !attributes);
     struct stat before;
-    REQUIRE(::stat(map_of(base).c_str(), &before) == 0);
+    REQUIRE(::stat(data_of(base).c_str(), &before) == 0);
     require_ok(f->flush());
     struct stat after;
-    REQUIRE(::stat(map_of(base).c_str(), &after) == 0);
-    CHECK(before.st_ino == after.st_ino);  // not rewritten
+    REQUIRE(::stat(data_of(base).c_str(), &after) == 0);
+    CHECK(before.st_ctim.tv_nsec == after.st_ctim.tv_nsec);  // not rewritten
+    CHECK(before.st_ctim.tv_sec == after.st_ctim.tv_sec);
     // A fetch of bytes already present changes nothing.
     require_ok(f->write_fetched(100, fetched(100, 50)));
     CHECK_FALSE(f->dirty());
     require_ok(f->write_fetched(120, fetched(120, 40)));
     CHECK(f->dirty());
-    CHECK(!fs::exists(fs::path(map_of(base).string() + ".tmp-lazyfs")));
   }
+}
+
+TEST_CASE("cache: without attributes the map is a .map file", "[cache]") {
+  MapFiles files;
+  ScratchDir dir("cache");
+  auto base = dir.path() / "f";
+  auto f = open_file(base, 1000);
+  require_ok(f->write_fetched(100, fetched(100, 50)));
+  require_ok(f->flush());
+  CHECK_FALSE(f->dirty());
+  CHECK_FALSE(map_attribute(base));
+  CHECK(mode_of(map_of(base)) == 0600);
+  struct stat before;
+  REQUIRE(::stat(map_of(base).c_str(), &before) == 0);
+  require_ok(f->flush());
+  struct stat after;
+  REQUIRE(::stat(map_of(base).c_str(), &after) == 0);
+  CHECK(before.st_ino == after.st_ino);  // not rewritten
+  require_ok(f->write_fetched(120, fetched(120, 40)));
+  require_ok(f->flush());
+  CHECK(!fs::exists(fs::path(map_of(base).string() + ".tmp-lazyfs")));
+  f = open_file(base, 1000);
+  CHECK(f->present_set().ranges() == std::vector<Range>{{100, 160}});
 }
 
 TEST_CASE("cache: locally written bytes are never overwritten by a fetch", "[cache]") {
@@ -337,7 +416,7 @@ TEST_CASE("cache: truncate shrinks and extends locally", "[cache]") {
     CHECK(f->local_bytes() == 0);
     // Shrinking wrote the map at once.
     CHECK_FALSE(f->dirty());
-    CHECK(fs::exists(map_of(base)));
+    CHECK(has_map(base));
 
     require_ok(f->truncate_local(80));
     CHECK(f->size() == 80);
@@ -477,8 +556,8 @@ TEST_CASE("cache: a map for another checkpoint, path or size starts cold", "[cac
   CHECK(f->local_set().empty());
   CHECK(f->missing({0, f->size()}) == std::vector<Range>{{0, f->size()}});
   CHECK(f->size() == f->source_size());
+  CHECK_FALSE(has_map(base));
   CHECK(read_data(*f, {0, f->size()}) == std::vector<uint8_t>(f->size(), 0));
-  CHECK_FALSE(fs::exists(map_of(base)));
   CHECK(logs.has("discarding map"));
   CHECK(logs.has(reason));
 }
@@ -527,9 +606,11 @@ TEST_CASE("cache: the map records the source's stat, a version 1 map has none", 
   f.reset();
 
   // A map of version 1 (before the stat) keeps its bytes; opened with the
-  // source's stat, it records that stat at the next flush.
+  // source's stat, it records that stat at the next flush. (A cache of that
+  // time has no attributes.)
   MapSpec v1;
   v1.present = {{0, 4096}};
+  fs::remove(data_of(base));
   write_string(map_of(base), make_map(v1));
   lazyfs::test::write_bytes(data_of(base), std::vector<uint8_t>(4096, 7));
   f = open_file(base, 4096);
@@ -541,9 +622,15 @@ TEST_CASE("cache: the map records the source's stat, a version 1 map has none", 
   CHECK(f->dirty());
   require_ok(f->flush());
   f.reset();
+  if (user_attributes(dir.path())) {
+    // The new map went to the attribute and the old file went.
+    CHECK(map_attribute(base));
+    CHECK_FALSE(fs::exists(map_of(base)));
+  }
   f = open_file(base, 4096);
   REQUIRE(f->source_stat());
   CHECK(f->source_stat()->mtime == 300);
+  CHECK(f->wholly_present());
 }
 
 TEST_CASE(
@@ -648,66 +735,77 @@ TEST_CASE("cache: wholly_present_file opens only files the map says are whole", 
 
 TEST_CASE("cache: a damaged map starts cold and never claims bytes", "[cache]") {
   ScratchDir dir("cache");
-  auto base = dir.path() / "f";
-  {
-    auto f = open_file(base, 4096);
-    require_ok(f->write_fetched(0, fetched(0, 1000)));
-    require_ok(f->write_fetched(2000, fetched(2000, 1000)));
-    require_ok(f->write_local(500, local(500, 10)));
-    require_ok(f->write_local(4000, local(4000, 200)));  // grows: a local tail
-    require_ok(f->flush());
-  }
-  const auto good_map = lazyfs::test::read_bytes(map_of(base));
-  const auto good_data = lazyfs::test::read_bytes(data_of(base));
-  const uint64_t size = 4200;
-  LogCapture logs;
+  const bool attributes = user_attributes(dir.path());
+  for (const bool files : {false, true}) {
+    if (!files && !attributes) continue;
+    MapFiles store(files);
+    INFO((files ? "in a .map file" : "in the attribute"));
+    auto base = dir.path() / (files ? "file" : "attribute");
+    {
+      auto f = open_file(base, 4096);
+      require_ok(f->write_fetched(0, fetched(0, 1000)));
+      require_ok(f->write_fetched(2000, fetched(2000, 1000)));
+      require_ok(f->write_local(500, local(500, 10)));
+      require_ok(f->write_local(4000, local(4000, 200)));  // grows: a local tail
+      require_ok(f->flush());
+    }
+    const auto good_map = map_bytes(base);
+    REQUIRE(fs::exists(map_of(base)) == files);
+    const auto good_data = lazyfs::test::read_bytes(data_of(base));
+    const uint64_t size = 4200;
+    LogCapture logs;
 
-  auto reopen_with = [&](const std::vector<uint8_t>& map) {
-    lazyfs::test::write_bytes(map_of(base), map);
-    lazyfs::test::write_bytes(data_of(base), good_data);
-    return open_file(base, 4096);
-  };
-  auto require_cold = [&](const CacheFile& f, const std::string& what) {
-    INFO(what);
-    REQUIRE(f.present_set().empty());
-    REQUIRE(f.local_set().empty());
-    REQUIRE(f.size() == 4096);
-    REQUIRE(!fs::exists(map_of(base)));
-  };
+    auto reopen_with = [&](const std::vector<uint8_t>& map) {
+      lazyfs::test::write_bytes(data_of(base), good_data);
+      if (files) {
+        lazyfs::test::write_bytes(map_of(base), map);
+      } else {
+        set_map_attribute(base, map);
+      }
+      return open_file(base, 4096);
+    };
+    auto require_cold = [&](const CacheFile& f, const std::string& what) {
+      INFO(what);
+      REQUIRE(f.present_set().empty());
+      REQUIRE(f.local_set().empty());
+      REQUIRE(f.size() == 4096);
+      REQUIRE(!has_map(base));
+    };
 
-  {
-    auto f = reopen_with(good_map);
-    REQUIRE(f->size() == size);
-    REQUIRE(f->present_bytes() == 1000 + 1000 + 200);
-  }
-  logs.clear();
-  for (size_t i = 0; i < good_map.size(); ++i) {
-    for (uint8_t flip : {uint8_t{0x01}, uint8_t{0x80}}) {
+    {
+      auto f = reopen_with(good_map);
+      REQUIRE(f->size() == size);
+      REQUIRE(f->present_bytes() == 1000 + 1000 + 200);
+    }
+    logs.clear();
+    for (size_t i = 0; i < good_map.size(); ++i) {
+      for (uint8_t flip : {uint8_t{0x01}, uint8_t{0x80}}) {
+        auto map = good_map;
+        map[i] ^= flip;
+        auto f = reopen_with(map);
+        require_cold(*f, fmt::format("byte {} xor {}", i, flip));
+      }
+    }
+    for (size_t n = 0; n < good_map.size(); ++n) {
+      auto f = reopen_with(std::vector<uint8_t>(good_map.data(), good_map.data() + n));
+      require_cold(*f, fmt::format("truncated to {} bytes", n));
+    }
+    {
       auto map = good_map;
-      map[i] ^= flip;
+      map.push_back(0);
       auto f = reopen_with(map);
-      require_cold(*f, fmt::format("byte {} xor {}", i, flip));
+      require_cold(*f, "one byte appended");
+      // The old data file is emptied (or removed with its attribute) by the
+      // first write: none of its bytes can come back as present ones.
+      require_ok(f->write_fetched(100, fetched(100, 10)));
+      REQUIRE(fs::file_size(data_of(base)) == 4096);
+      auto data = lazyfs::test::read_bytes(data_of(base));
+      for (size_t i = 0; i < data.size(); ++i) {
+        if (i < 100 || i >= 110) REQUIRE(data[i] == 0);
+      }
     }
+    CHECK(logs.has("discarding map"));
   }
-  for (size_t n = 0; n < good_map.size(); ++n) {
-    auto f = reopen_with(std::vector<uint8_t>(good_map.data(), good_map.data() + n));
-    require_cold(*f, fmt::format("truncated to {} bytes", n));
-  }
-  {
-    auto map = good_map;
-    map.push_back(0);
-    auto f = reopen_with(map);
-    require_cold(*f, "one byte appended");
-    // The old data file is emptied at the first write: none of its bytes
-    // can come back as present ones.
-    require_ok(f->write_fetched(100, fetched(100, 10)));
-    REQUIRE(fs::file_size(data_of(base)) == 4096);
-    auto data = lazyfs::test::read_bytes(data_of(base));
-    for (size_t i = 0; i < data.size(); ++i) {
-      if (i < 100 || i >= 110) REQUIRE(data[i] == 0);
-    }
-  }
-  CHECK(logs.has("discarding map"));
 }
 
 TEST_CASE("cache: maps with a valid checksum but bad content are refused", "[cache]") {
@@ -993,7 +1091,7 @@ TEST_CASE("cache: block cache hands out one file per path", "[cache]") {
   require_ok(cache->flush_all());
   CHECK_FALSE(a->dirty());
   CHECK_FALSE(b->dirty());
-  CHECK(fs::exists(dir / (cache->stem("/a") + ".map")));
+  CHECK(has_map(dir / cache->stem("/a")));
   CHECK(fs::exists(dir / (cache->stem("/b") + ".data")));
 }
 
@@ -1021,7 +1119,9 @@ TEST_CASE("cache: two checkpoints in one directory never share files", "[cache]"
   for (const auto& e : fs::directory_iterator(dir)) {
     if (e.path().extension() != ".lock") ++files;
   }
-  CHECK(files == 3);  // two data files, one map (the second file never changed)
+  // Two data files and, unless it is their attribute, one map (the second
+  // file never changed).
+  CHECK(files == (user_attributes(scratch.path()) ? 2 : 3));
   auto one = BlockCache::open(dir, "ckpt-one", st);
   auto two = BlockCache::open(dir, "ckpt-two", st);
   CHECK(one->file("/x", 100, st)->present_bytes() == 100);
@@ -1101,13 +1201,13 @@ TEST_CASE("cache: the cache directory is private", "[cache]") {
 namespace {
 
 std::vector<hooks::FlushStep> g_steps;
-std::vector<uint8_t> g_map_at_step;  // the map file's bytes at kDataSynced
-fs::path g_map_path;
+std::vector<uint8_t> g_map_at_step;  // the map's bytes at kDataSynced
+fs::path g_map_base;
 hooks::FlushStep g_crash_at = hooks::FlushStep::kSnapshotTaken;
 
 void record_step(hooks::FlushStep step) {
   g_steps.push_back(step);
-  if (step == hooks::FlushStep::kDataSynced) g_map_at_step = lazyfs::test::read_bytes(g_map_path);
+  if (step == hooks::FlushStep::kDataSynced) g_map_at_step = map_bytes(g_map_base);
 }
 
 void crash_at_step(hooks::FlushStep step) {
@@ -1159,38 +1259,56 @@ void check_after_crash(CacheFile& f, hooks::FlushStep step) {
   check_claims(f, 50);
 }
 
+// Runs `body(step)`, with g_crash_at = step, for each step of a flush, with
+// the maps in attributes and then in .map files.
+template <typename Body>
+void at_each_step_in_both_stores(Body body) {
+  for (const bool files : {false, true}) {
+    MapFiles store(files);
+    INFO((files ? "maps in .map files" : "maps in attributes"));
+    for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
+                      hooks::FlushStep::kMapWritten}) {
+      INFO("step " << static_cast<int>(step));
+      g_crash_at = step;
+      body(step);
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("cache: flush syncs the data before it replaces the map", "[cache]") {
-  ScratchDir dir("cache");
-  auto base = dir.path() / "f";
-  auto f = open_file(base, 4096);
-  require_ok(f->write_fetched(0, fetched(0, 100)));
-  require_ok(f->flush());
-  auto old_map = lazyfs::test::read_bytes(map_of(base));
-
-  require_ok(f->write_fetched(1000, fetched(1000, 100)));
-  g_steps.clear();
-  g_map_path = map_of(base);
-  {
-    HookGuard guard(record_step);
+  for (const bool files : {false, true}) {
+    MapFiles store(files);
+    INFO((files ? "in a .map file" : "in the attribute"));
+    ScratchDir dir("cache");
+    auto base = dir.path() / "f";
+    auto f = open_file(base, 4096);
+    require_ok(f->write_fetched(0, fetched(0, 100)));
     require_ok(f->flush());
+    auto old_map = map_bytes(base);
+    REQUIRE_FALSE(old_map.empty());
+
+    require_ok(f->write_fetched(1000, fetched(1000, 100)));
+    g_steps.clear();
+    g_map_base = base;
+    {
+      HookGuard guard(record_step);
+      require_ok(f->flush());
+    }
+    CHECK(g_steps == std::vector<hooks::FlushStep>{hooks::FlushStep::kSnapshotTaken,
+                                                   hooks::FlushStep::kDataSynced,
+                                                   hooks::FlushStep::kMapWritten});
+    // After the data sync, the map on disk was still the old one.
+    CHECK(g_map_at_step == old_map);
+    CHECK(map_bytes(base) != old_map);
   }
-  CHECK(g_steps == std::vector<hooks::FlushStep>{hooks::FlushStep::kSnapshotTaken,
-                                                 hooks::FlushStep::kDataSynced,
-                                                 hooks::FlushStep::kMapWritten});
-  // After the data sync, the map on disk was still the old one.
-  CHECK(g_map_at_step == old_map);
-  CHECK(lazyfs::test::read_bytes(map_of(base)) != old_map);
 }
 
 TEST_CASE("cache: a crash at each step of a flush leaves a truthful map", "[cache]") {
-  for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
-                    hooks::FlushStep::kMapWritten}) {
+  at_each_step_in_both_stores([&](hooks::FlushStep step) {
     ScratchDir dir("cache");
     auto base = dir.path() / "f";
-    g_crash_at = step;
-    INFO("step " << static_cast<int>(step));
     crash_in_child([&] {
       Status st;
       auto f = CacheFile::open(base, kCheckpoint, "/srv/data.bin", 4096, st);
@@ -1199,7 +1317,7 @@ TEST_CASE("cache: a crash at each step of a flush leaves a truthful map", "[cach
       (void)f->flush();
     });
     check_after_crash(*open_file(base, 4096), step);
-  }
+  });
 }
 
 TEST_CASE("cache: flush_all commits many files in batches that reopen intact", "[cache]") {
@@ -1251,6 +1369,7 @@ TEST_CASE("cache: flush_all commits many files in batches that reopen intact", "
 
 TEST_CASE("cache: flush_all writes first maps in place, and a torn one starts its file cold",
           "[cache]") {
+  MapFiles files;
   constexpr int kFiles = 8;
   const auto name = [](int i) { return "/srv/f" + std::to_string(i); };
   ScratchDir scratch("cache");
@@ -1306,12 +1425,9 @@ TEST_CASE("cache: flush_all writes first maps in place, and a torn one starts it
 TEST_CASE("cache: a crash at each step of a batched flush leaves truthful maps", "[cache]") {
   constexpr int kFiles = 20;
   const auto name = [](int i) { return "/srv/f" + std::to_string(i); };
-  for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
-                    hooks::FlushStep::kMapWritten}) {
+  at_each_step_in_both_stores([&](hooks::FlushStep step) {
     ScratchDir scratch("cache");
     auto dir = scratch.path() / "c";
-    g_crash_at = step;
-    INFO("step " << static_cast<int>(step));
     crash_in_child([&] {
       Status st;
       auto cache = BlockCache::open(dir, kCheckpoint, st);
@@ -1332,15 +1448,13 @@ TEST_CASE("cache: a crash at each step of a batched flush leaves truthful maps",
       INFO("file " << i);
       check_after_crash(*f, step);
     }
-  }
+  });
 }
 
 TEST_CASE("cache: a crash at each step of a shrinking truncate leaves a truthful map", "[cache]") {
-  for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
-                    hooks::FlushStep::kMapWritten}) {
+  at_each_step_in_both_stores([&](hooks::FlushStep step) {
     ScratchDir dir("cache");
     auto base = dir.path() / "f";
-    g_crash_at = step;
     pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
@@ -1352,7 +1466,6 @@ TEST_CASE("cache: a crash at each step of a shrinking truncate leaves a truthful
       ::_exit(3);
     }
     int status = wait_child(pid);
-    INFO("step " << static_cast<int>(step));
     REQUIRE(WIFEXITED(status));
     REQUIRE(WEXITSTATUS(status) == 0);
     auto f = open_file(base, 4096);
@@ -1372,7 +1485,7 @@ TEST_CASE("cache: a crash at each step of a shrinking truncate leaves a truthful
     // Growing again shows zeros past the cut, never the old bytes.
     require_ok(f->truncate_local(4096));
     check_claims(*f);
-  }
+  });
 }
 
 namespace {
@@ -1559,4 +1672,270 @@ TEST_CASE("cache: concurrent writes, truncates and flushes stay consistent", "[c
   CHECK(f->local_set() == local_set);
   CHECK(claimed_bytes(*f) == bytes);
   check_file(*f);
+}
+
+namespace {
+
+// The attribute form of a map (lib/src/cache.cc), written independently.
+struct AttributeSpec {
+  uint8_t version = 3;
+  uint64_t source_size = 4096;
+  uint64_t stat_flag = 0;
+  uint64_t size = 4096;
+  // Raw (gap, length) pairs as stored: a gap from the previous range's end,
+  // a length of 0 for the local tail.
+  std::vector<std::pair<uint64_t, uint64_t>> present;
+  std::vector<std::pair<uint64_t, uint64_t>> local;
+  uint64_t present_count = kEnd;  // kEnd: present.size()
+  std::string trailing;
+  std::string path = "/srv/data.bin";
+};
+
+void put_varint(std::string& out, uint64_t v) {
+  while (v >= 0x80) {
+    out.push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out.push_back(static_cast<char>(v));
+}
+
+std::vector<uint8_t> make_attribute(const AttributeSpec& m) {
+  std::string out{'L', static_cast<char>(m.version)};
+  put_varint(out, m.source_size);
+  put_varint(out, m.stat_flag);
+  if (m.stat_flag == 1) {
+    for (uint64_t v : {0100644u, 1000u, 1000u, 10u, 20u}) put_varint(out, v);
+  }
+  put_varint(out, m.size);
+  put_varint(out, m.present_count == kEnd ? m.present.size() : m.present_count);
+  for (auto [gap, length] : m.present) {
+    put_varint(out, gap);
+    put_varint(out, length);
+  }
+  put_varint(out, m.local.size());
+  for (auto [gap, length] : m.local) {
+    put_varint(out, gap);
+    put_varint(out, length);
+  }
+  out += m.trailing;
+  const std::string nul(1, '\0');
+  out += lazyfs::Sha256()
+             .update(kCheckpoint)
+             .update(nul)
+             .update(m.path)
+             .update(nul)
+             .update(out)
+             .digest()
+             .substr(0, 8);
+  return {out.begin(), out.end()};
+}
+
+// Scattered ranges of 10 bytes, 1,000 apart: their map, some 4 KiB, is too
+// long for the attribute.
+void write_scattered(CacheFile& f, uint64_t from, bool local_bytes) {
+  for (uint64_t off = from; off + 10 <= f.size() && off < from + 1000 * 1000; off += 1000) {
+    require_ok(local_bytes ? f.write_local(off, local(off, 10))
+                           : f.write_fetched(off, fetched(off, 10)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cache: attributes with a valid digest but bad content are refused", "[cache]") {
+  ScratchDir dir("cache");
+  if (!user_attributes(dir.path())) return;
+  auto base = dir.path() / "f";
+  LogCapture logs;
+  auto open_with = [&](const AttributeSpec& spec) {
+    lazyfs::test::write_bytes(data_of(base), std::vector<uint8_t>(5000, 7));
+    set_map_attribute(base, make_attribute(spec));
+    return open_file(base, 4096);
+  };
+  {
+    // The test's encoder matches the format: a sane map is taken.
+    AttributeSpec ok;
+    ok.size = 5000;
+    ok.stat_flag = 1;
+    ok.present = {{0, 10}, {10, 10}, {4066, 0}};  // [0,10) [20,30) [4096,end)
+    ok.local = {{25, 5}, {4066, 0}};              // [25,30) [4096,end)
+    auto f = open_with(ok);
+    CHECK(f->size() == 5000);
+    CHECK(f->present_set().ranges() == std::vector<Range>{{0, 10}, {20, 30}, {4096, kEnd}});
+    CHECK(f->local_set().ranges() == std::vector<Range>{{25, 30}, {4096, kEnd}});
+    REQUIRE(f->source_stat());
+    CHECK(f->source_stat()->uid == 1000);
+    CHECK(f->source_stat()->mtime == 10);  // zigzag
+  }
+  struct Bad {
+    const char* what;
+    const char* reason;
+    AttributeSpec spec;
+  };
+  std::vector<Bad> bad;
+  auto add = [&](const char* what, const char* reason, auto edit) {
+    AttributeSpec s;
+    s.present = {{0, 10}, {10, 10}};
+    s.local = {{25, 5}};
+    edit(s);
+    bad.push_back({what, reason, s});
+  };
+  add("unknown version", "unknown version 4", [](AttributeSpec& s) { s.version = 4; });
+  add("bad stat flag", "bad stat flag 2", [](AttributeSpec& s) { s.stat_flag = 2; });
+  add("other source size", "source size was 4095", [](AttributeSpec& s) { s.source_size = 4095; });
+  add("other path", "another path", [](AttributeSpec& s) { s.path = "/srv/other"; });
+  add("size too large", "too large", [](AttributeSpec& s) { s.size = kEnd; });
+  add("range past size", "past size", [](AttributeSpec& s) { s.present = {{4000, 97}}; });
+  add("touching", "touching", [](AttributeSpec& s) { s.present = {{0, 10}, {0, 10}}; });
+  add("tail not last", "past size", [](AttributeSpec& s) { s.present = {{0, 0}, {10, 10}}; });
+  add("gap past the largest offset", "largest offset", [](AttributeSpec& s) {
+    s.present = {{0, 10}, {kEnd - 5, 1}};
+  });
+  add("length past the largest offset", "largest offset", [](AttributeSpec& s) {
+    s.present = {{10, kEnd - 5}};
+  });
+  add("count overruns", "overruns", [](AttributeSpec& s) { s.present_count = 1000; });
+  add("truncated", "truncated", [](AttributeSpec& s) { s.present_count = 3; });
+  add("local not present", "not present", [](AttributeSpec& s) { s.local = {{12, 2}}; });
+  add("trailing bytes", "trailing", [](AttributeSpec& s) { s.trailing = "x"; });
+  for (const auto& b : bad) {
+    INFO(b.what);
+    logs.clear();
+    auto f = open_with(b.spec);
+    CHECK(f->present_set().empty());
+    CHECK(f->local_set().empty());
+    CHECK(f->size() == 4096);
+    CHECK_FALSE(has_map(base));
+    CHECK(logs.has(b.reason));
+    CHECK(read_data(*f, {0, 4096}) == std::vector<uint8_t>(4096, 0));
+  }
+}
+
+TEST_CASE("cache: a map too long for the attribute goes to a .map file, and back", "[cache]") {
+  ScratchDir dir("cache");
+  if (!user_attributes(dir.path())) return;
+  constexpr uint64_t kSize = 1 << 20;
+  Status st;
+  auto cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+  require_ok(st);
+  const auto base = dir.path() / "c" / cache->stem("/f");
+  // Through flush_all() (a batch) or CacheFile::flush() (one file).
+  for (const bool batch : {true, false}) {
+    INFO((batch ? "flush_all" : "flush"));
+    const auto flush = [&](CacheFile& f) { require_ok(batch ? cache->flush_all() : f.flush()); };
+    auto* f = cache->file("/f", kSize, st);
+    REQUIRE(f);
+    write_scattered(*f, batch ? 0 : 500, false);
+    flush(*f);
+    CHECK(fs::exists(map_of(base)));
+    CHECK_FALSE(map_attribute(base));
+    const RangeSet scattered = f->present_set();
+
+    // Reopened, the .map file is the map; once the file is whole the map is
+    // short again and goes back to the attribute.
+    cache.reset();
+    cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+    f = cache->file("/f", kSize, st);
+    REQUIRE(f);
+    CHECK(f->present_set() == scattered);
+    check_claims(*f);
+    require_ok(f->write_fetched(0, fetched(0, kSize)));
+    flush(*f);
+    CHECK(map_attribute(base));
+    CHECK_FALSE(fs::exists(map_of(base)));
+    cache.reset();
+    cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+    f = cache->file("/f", kSize, st);
+    CHECK(f->wholly_present());
+    check_claims(*f);
+
+    // A shrinking truncate of a file with a long map writes it to a .map
+    // file and removes the attribute before it cuts the data file.
+    write_scattered(*f, 0, true);
+    require_ok(f->truncate_local(kSize - 5000));
+    CHECK(fs::exists(map_of(base)));
+    CHECK_FALSE(map_attribute(base));
+    const RangeSet local_set = f->local_set();
+    cache.reset();
+    cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+    f = cache->file("/f", kSize, st);
+    CHECK(f->size() == kSize - 5000);
+    CHECK(f->local_set() == local_set);
+    check_claims(*f);
+    // Start the next round cold.
+    cache.reset();
+    fs::remove(base.string() + ".data");
+    fs::remove(map_of(base));
+    cache = BlockCache::open(dir.path() / "c", kCheckpoint, st);
+  }
+}
+
+TEST_CASE("cache: a crash while a map moves between the attribute and a .map file", "[cache]") {
+  {
+    ScratchDir probe("cache");
+    if (!user_attributes(probe.path())) return;
+  }
+  constexpr uint64_t kSize = 1 << 20;
+  for (const bool to_file : {true, false}) {
+    INFO((to_file ? "to the .map file" : "to the attribute"));
+    for (auto step : {hooks::FlushStep::kSnapshotTaken, hooks::FlushStep::kDataSynced,
+                      hooks::FlushStep::kMapWritten}) {
+      INFO("step " << static_cast<int>(step));
+      ScratchDir dir("cache");
+      auto base = dir.path() / "f";
+      g_crash_at = step;
+      crash_in_child([&] {
+        Status st;
+        auto f = CacheFile::open(base, kCheckpoint, "/srv/data.bin", kSize, st);
+        if (!f) ::_exit(2);
+        // The first map in one place, the second in the other.
+        if (to_file) {
+          if (!f->write_fetched(0, fetched(0, 100)).ok()) ::_exit(2);
+        } else {
+          write_scattered(*f, 0, false);
+        }
+        if (!f->flush().ok()) ::_exit(2);
+        if (to_file) {
+          write_scattered(*f, 500, false);
+        } else {
+          if (!f->write_fetched(0, fetched(0, kSize)).ok()) ::_exit(2);
+        }
+        hooks::on_flush_step = crash_at_step;
+        (void)f->flush();
+      });
+      auto f = open_file(base, kSize);
+      const bool new_map = step == hooks::FlushStep::kMapWritten;
+      if (to_file) {
+        CHECK(f->present_set().count() == (new_map ? 1001 : 1));
+      } else if (new_map) {
+        CHECK(f->wholly_present());
+      } else {
+        CHECK(f->present_set().count() == 1000);
+      }
+      check_claims(*f);
+    }
+  }
+}
+
+TEST_CASE("cache: a .map file left without its data file never claims a new one's bytes",
+          "[cache]") {
+  ScratchDir dir("cache");
+  auto base = dir.path() / "f";
+  {
+    MapFiles files;
+    auto f = open_file(base, 4096);
+    require_ok(f->write_fetched(0, fetched(0, 4096)));
+    require_ok(f->flush());
+  }
+  // The data file goes behind the cache's back; a new one is written but its
+  // map never flushed (a crash).
+  fs::remove(data_of(base));
+  {
+    auto f = open_file(base, 4096);
+    CHECK(f->present_set().empty());
+    require_ok(f->write_fetched(100, fetched(100, 10)));
+    CHECK_FALSE(fs::exists(map_of(base)));
+  }
+  auto f = open_file(base, 4096);
+  CHECK(f->present_set().empty());
+  check_claims(*f);
 }

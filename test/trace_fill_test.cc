@@ -6,6 +6,7 @@
 #include <future>
 #include <thread>
 
+#include "../lib/src/cache_hooks.h"
 #include "fake_source.h"
 #include "lazyfs/engine.h"
 #include "lazyfs/fill.h"
@@ -150,10 +151,17 @@ TEST_CASE("fill: complete only once the cache's maps on disk say so", "[fill]") 
 }
 
 TEST_CASE("fill: a cache that cannot be made durable stops it with the reason", "[fill]") {
+  // Maps in .map files, as on a file system without user attributes.
+  lazyfs::cache_hooks::no_attribute_maps = true;
+  struct Restore {
+    ~Restore() { lazyfs::cache_hooks::no_attribute_maps = false; }
+  } restore;
   FillRig rig(3, std::chrono::hours(1));
   // Once /f1's cache is open: directories where its first map would be
   // written, and where its temporary map would be, as one is in the way.
   REQUIRE(eventually([&] { return rig.engine->cache_file(rig.ids[1]) != nullptr; }));
+  // Its data file made first: making one removes a .map file left there.
+  REQUIRE(rig.engine->cache_file(rig.ids[1])->fd());
   for (const char* suffix : {".map", ".map.tmp-lazyfs"}) {
     std::filesystem::create_directory(rig.dir.path() / "cache" / (rig.cache->stem("/f1") + suffix));
   }

@@ -1,5 +1,36 @@
 // The block cache's files and their range map.
 //
+// A map is kept in one of two places, with the same content:
+//
+// - the data file's extended attribute `user.lazyfs` (version 3), where it
+//   fits (up to 2 KiB) and the file system takes user attributes;
+// - otherwise a .map file beside the data file (version 2, below).
+//
+// The attribute wins: the .map file is read only if the data file has no
+// attribute. So a map moves to the attribute in one setxattr (the .map
+// file left behind is removed after, at leisure), and moves to a .map file
+// only once that file is durable, by removing the attribute (made durable
+// before anything relies on the new map).
+//
+// Attribute format, version 3 (varints are protobuf's base-128 varints):
+//
+//   1 byte    'L'
+//   1 byte    version (3)
+//   varint    source_size
+//   varint    1 if the source's stat follows, else 0
+//   varint x5 st_mode, uid, gid, then atime and mtime zigzag-encoded
+//   varint    size: the current logical size
+//   varint    present ranges: count, then per range the gap from the end of
+//             the one before (from 0 for the first) and its length, 0 for
+//             the local tail [b, UINT64_MAX)
+//   varint    local ranges: same layout
+//   8 bytes   the first 8 bytes of SHA-256(checkpoint id, NUL, path, NUL,
+//             every byte above): the checksum, and what ties the map to its
+//             checkpoint and path (the data file's name does too)
+//
+// A wholly present file's map takes some 40 bytes, which ext4 keeps inside
+// the inode: the file costs one inode and no block beyond its data.
+//
 // Map file format, version 2 (`<stem>.map`; integers little-endian):
 //
 //   8 bytes   magic "LZFSMAP\0"
@@ -26,18 +57,26 @@
 // checkpoint id, path or source size, a bad checksum, trailing bytes or a
 // data file shorter than `size`, and the map is discarded.
 //
-// Discarding is ordered like everything else here: the map goes first (unlink,
-// directory fsync), then the data file is emptied, so no crash can leave a map
-// claiming bytes that have been thrown away.
+// The same checks hold for both forms.
+//
+// Discarding is ordered like everything else here: the map goes first (unlink
+// of the .map file; an attribute goes with its data file, which is removed;
+// then a directory fsync), then the data file is emptied, so no crash can
+// leave a map claiming bytes that have been thrown away. For the same reason
+// a .map file left without its data file is removed before a new data file
+// is made.
 #include "lazyfs/cache.h"
 
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -54,9 +93,14 @@ namespace lazyfs {
 
 namespace cache_hooks {
 void (*on_flush_step)(FlushStep step) = nullptr;
+bool no_attribute_maps = false;
 }  // namespace cache_hooks
 
 namespace {
+
+using google::protobuf::internal::WireFormatLite;
+using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
 
 constexpr std::string_view kMagic{"LZFSMAP\0", 8};
 constexpr uint32_t kVersion = 2;
@@ -66,6 +110,15 @@ constexpr uint64_t kEnd = std::numeric_limits<uint64_t>::max();
 // Offsets and sizes must fit an off_t.
 constexpr uint64_t kMaxOffset = static_cast<uint64_t>(std::numeric_limits<off_t>::max());
 constexpr unsigned kFileMode = 0600;
+// The map as an extended attribute of the data file.
+constexpr const char* kAttrName = "user.lazyfs";
+constexpr char kAttrMagic = 'L';
+constexpr uint8_t kAttrVersion = 3;
+constexpr size_t kAttrDigestBytes = 8;
+// A longer map goes to a .map file. ext4 keeps a few dozen bytes of
+// attributes inside the inode (a wholly present file's map takes some 40)
+// and up to a block in one block more.
+constexpr size_t kMaxAttrMap = 2048;
 
 void flush_step(cache_hooks::FlushStep step) {
   if (cache_hooks::on_flush_step) cache_hooks::on_flush_step(step);
@@ -167,6 +220,24 @@ class MapReader {
   bool ok_ = true;
 };
 
+// Checks that `r`, range `i` of the `n` in a map's list (after one that
+// ended at `prev_end`), is in RangeSet's form and inside a file of `size`
+// bytes (or its local tail), and adds it to `out`.
+std::optional<std::string> add_range(const char* what, Range r, uint64_t i, uint64_t n,
+                                     uint64_t size, uint64_t& prev_end, RangeSet& out) {
+  if (r.empty()) return fmt::format("empty {} range [{},{})", what, r.begin, r.end);
+  if (i > 0 && r.begin <= prev_end) {
+    return fmt::format("{} ranges unsorted or touching at [{},{})", what, r.begin, r.end);
+  }
+  const bool tail = r.end == kEnd && r.begin <= size && i + 1 == n;
+  if (r.end > size && !tail) {
+    return fmt::format("{} range [{},{}) past size {}", what, r.begin, r.end, size);
+  }
+  out.insert(r);
+  prev_end = r.end;
+  return std::nullopt;
+}
+
 std::optional<std::string> read_ranges(MapReader& in, uint64_t size, const char* what,
                                        RangeSet& out) {
   uint64_t n = in.u64();
@@ -174,17 +245,17 @@ std::optional<std::string> read_ranges(MapReader& in, uint64_t size, const char*
   if (n > in.remaining() / 16) return fmt::format("{} count {} overruns the file", what, n);
   uint64_t prev_end = 0;
   for (uint64_t i = 0; i < n; ++i) {
-    Range r{in.u64(), in.u64()};
-    if (r.empty()) return fmt::format("empty {} range [{},{})", what, r.begin, r.end);
-    if (i > 0 && r.begin <= prev_end) {
-      return fmt::format("{} ranges unsorted or touching at [{},{})", what, r.begin, r.end);
+    const Range r{in.u64(), in.u64()};
+    if (auto err = add_range(what, r, i, n, size, prev_end, out)) return err;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::string> local_outside_present(const MapContents& m) {
+  for (Range r : m.local.ranges()) {
+    if (!m.present.contains(r)) {
+      return fmt::format("local range [{},{}) not present", r.begin, r.end);
     }
-    bool tail = r.end == kEnd && r.begin <= size && i + 1 == n;
-    if (r.end > size && !tail) {
-      return fmt::format("{} range [{},{}) past size {}", what, r.begin, r.end, size);
-    }
-    out.insert(r);
-    prev_end = r.end;
   }
   return std::nullopt;
 }
@@ -228,30 +299,140 @@ std::optional<std::string> decode_map(std::string_view file, const MapContents& 
   if (auto err = read_ranges(in, m.size, "present", m.present)) return err;
   if (auto err = read_ranges(in, m.size, "local", m.local)) return err;
   if (!in.at_end()) return "trailing bytes";
-  for (Range r : m.local.ranges()) {
-    if (!m.present.contains(r)) {
-      return fmt::format("local range [{},{}) not present", r.begin, r.end);
+  return local_outside_present(m);
+}
+
+// The attribute form of a map (see the top of this file).
+std::string attribute_digest(const std::string& checkpoint_id, const std::string& path,
+                             std::string_view body) {
+  constexpr std::string_view kNul{"\0", 1};
+  return Sha256()
+      .update(checkpoint_id)
+      .update(kNul)
+      .update(path)
+      .update(kNul)
+      .update(body)
+      .digest()
+      .substr(0, kAttrDigestBytes);
+}
+
+void put_varint(std::string& out, uint64_t v) {
+  uint8_t buf[10];
+  const uint8_t* end = CodedOutputStream::WriteVarint64ToArray(v, buf);
+  out.append(reinterpret_cast<const char*>(buf), static_cast<size_t>(end - buf));
+}
+
+void put_attr_ranges(std::string& out, const RangeSet& set) {
+  put_varint(out, set.count());
+  uint64_t prev_end = 0;
+  for (Range r : set.ranges()) {
+    put_varint(out, r.begin - prev_end);
+    put_varint(out, r.end == kEnd ? 0 : r.size());
+    prev_end = r.end;
+  }
+}
+
+std::string encode_attr_map(const std::string& checkpoint_id, const std::string& path,
+                            uint64_t source_size, const std::optional<SourceStat>& stat,
+                            uint64_t size, const RangeSet& present, const RangeSet& local) {
+  std::string out{kAttrMagic, static_cast<char>(kAttrVersion)};
+  put_varint(out, source_size);
+  put_varint(out, stat ? 1 : 0);
+  if (stat) {
+    put_varint(out, stat->mode);
+    put_varint(out, stat->uid);
+    put_varint(out, stat->gid);
+    put_varint(out, WireFormatLite::ZigZagEncode64(stat->atime));
+    put_varint(out, WireFormatLite::ZigZagEncode64(stat->mtime));
+  }
+  put_varint(out, size);
+  put_attr_ranges(out, present);
+  put_attr_ranges(out, local);
+  out += attribute_digest(checkpoint_id, path, out);
+  return out;
+}
+
+std::optional<std::string> read_attr_ranges(CodedInputStream& in, uint64_t size, uint64_t max_count,
+                                            const char* what, RangeSet& out) {
+  uint64_t n = 0;
+  if (!in.ReadVarint64(&n)) return fmt::format("truncated {} count", what);
+  if (n > max_count) return fmt::format("{} count {} overruns the attribute", what, n);
+  uint64_t prev_end = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    uint64_t gap = 0, length = 0;
+    if (!in.ReadVarint64(&gap) || !in.ReadVarint64(&length)) {
+      return fmt::format("truncated {} range", what);
     }
+    if (gap > kEnd - prev_end || (length != 0 && length > kEnd - (prev_end + gap))) {
+      return fmt::format("{} range past the largest offset", what);
+    }
+    const uint64_t begin = prev_end + gap;
+    const Range r{begin, length == 0 ? kEnd : begin + length};
+    if (auto err = add_range(what, r, i, n, size, prev_end, out)) return err;
   }
   return std::nullopt;
 }
 
-// Makes `map` the file's map: every byte it calls present was written
-// before it was encoded, and those writes are made durable (fdatasync of the
-// data file, or syncfs of its file system through `fd`) before a map
-// claiming them can be; then the map replaces the old one atomically.
-Status commit_map(int fd, bool whole_fs, const std::filesystem::path& map_path,
-                  const std::string& map) {
-  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
-  if ((whole_fs ? ::syncfs(fd) : ::fdatasync(fd)) != 0) {
-    return io_status(last_errno(), fmt::format("cache sync for {}", map_path.string()));
+std::optional<std::string> decode_attr_map(std::string_view value, const MapContents& expect,
+                                           MapContents& m) {
+  if (value.size() < 2 + kAttrDigestBytes) return "shorter than a header";
+  if (value[0] != kAttrMagic) return "bad magic";
+  if (static_cast<uint8_t>(value[1]) != kAttrVersion) {
+    return fmt::format("unknown version {}", static_cast<uint8_t>(value[1]));
   }
-  flush_step(cache_hooks::FlushStep::kDataSynced);
-  if (auto ec = write_file_atomic(map_path, map, kFileMode)) {
-    return io_status(ec, fmt::format("cache map write {}", map_path.string()));
+  const auto body = value.substr(0, value.size() - kAttrDigestBytes);
+  if (attribute_digest(expect.checkpoint_id, expect.path, body) != value.substr(body.size())) {
+    return "checksum mismatch: damaged, or written for another checkpoint or another path";
   }
-  flush_step(cache_hooks::FlushStep::kMapWritten);
-  return {};
+  m.checkpoint_id = expect.checkpoint_id;
+  m.path = expect.path;
+  CodedInputStream in(reinterpret_cast<const uint8_t*>(body.data()) + 2,
+                      static_cast<int>(body.size() - 2));
+  uint64_t known = 0;
+  if (!in.ReadVarint64(&m.source_size) || !in.ReadVarint64(&known)) return "truncated header";
+  if (known > 1) return fmt::format("bad stat flag {}", known);
+  if (known == 1) {
+    uint64_t mode = 0, uid = 0, gid = 0, atime = 0, mtime = 0;
+    if (!in.ReadVarint64(&mode) || !in.ReadVarint64(&uid) || !in.ReadVarint64(&gid) ||
+        !in.ReadVarint64(&atime) || !in.ReadVarint64(&mtime)) {
+      return "truncated stat";
+    }
+    if (mode > UINT32_MAX || uid > UINT32_MAX || gid > UINT32_MAX) return "stat out of range";
+    SourceStat st;
+    st.mode = static_cast<uint32_t>(mode);
+    st.uid = static_cast<uint32_t>(uid);
+    st.gid = static_cast<uint32_t>(gid);
+    st.atime = WireFormatLite::ZigZagDecode64(atime);
+    st.mtime = WireFormatLite::ZigZagDecode64(mtime);
+    st.size = m.source_size;
+    m.source_stat = st;
+  }
+  if (!in.ReadVarint64(&m.size)) return "truncated header";
+  if (m.source_size != expect.source_size) {
+    return fmt::format("source size was {}, is {}", m.source_size, expect.source_size);
+  }
+  if (m.size > kMaxOffset) return fmt::format("size {} too large", m.size);
+  if (auto err = read_attr_ranges(in, m.size, body.size(), "present", m.present)) return err;
+  if (auto err = read_attr_ranges(in, m.size, body.size(), "local", m.local)) return err;
+  if (in.CurrentPosition() != static_cast<int>(body.size() - 2)) return "trailing bytes";
+  return local_outside_present(m);
+}
+
+// The source size a map (as read, unchecked) was written for.
+std::optional<uint64_t> map_source_size(const std::vector<uint8_t>& bytes, bool in_attribute) {
+  uint64_t size = 0;
+  if (in_attribute) {
+    CodedInputStream in(bytes.data(), static_cast<int>(bytes.size()));
+    if (!in.Skip(2) || !in.ReadVarint64(&size)) return std::nullopt;
+    return size;
+  }
+  MapReader in(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+  in.bytes(kMagic.size() + 4);
+  in.bytes(in.u32());
+  in.bytes(in.u32());
+  size = in.u64();
+  if (!in.ok()) return std::nullopt;
+  return size;
 }
 
 // mkdir -p with mode 0700 for every directory created, then the checks that
@@ -327,14 +508,32 @@ std::unique_ptr<CacheFile> CacheFile::open(const std::filesystem::path& base,
                                            const std::string& path, uint64_t source_size,
                                            Status& status,
                                            const std::optional<SourceStat>& source_stat) {
-  auto map_path = base;
-  map_path += ".map";
-  return open_with_map(base, checkpoint_id, path, source_size, read_map(map_path), status,
-                       source_stat);
+  return open_with_map(base, checkpoint_id, path, source_size, read_map(base), status, source_stat);
 }
 
-CacheFile::MapRead CacheFile::read_map(const std::filesystem::path& map_path) {
+CacheFile::MapRead CacheFile::read_map(const std::filesystem::path& base) {
   MapRead map;
+  auto data_path = base;
+  data_path += ".data";
+  int err = ENOTSUP;
+  if (!cache_hooks::no_attribute_maps) {
+    map.bytes.resize(kMaxAttrMap);
+    const ssize_t n = ::lgetxattr(data_path.c_str(), kAttrName, map.bytes.data(), kMaxAttrMap);
+    err = n < 0 ? errno : 0;
+    map.bytes.resize(n < 0 ? 0 : static_cast<size_t>(n));
+  }
+  if (err == 0 || (err != ENODATA && err != ENOTSUP && err != ENOENT)) {
+    // An attribute, or one that may be there but cannot be read.
+    map.in_attribute = true;
+    if (err != 0) map.error = std::error_code(err, std::system_category());
+    return map;
+  }
+  if (err == ENOENT) {
+    map.error = std::make_error_code(std::errc::no_such_file_or_directory);
+    return map;
+  }
+  auto map_path = base;
+  map_path += ".map";
   map.error = read_whole_file(map_path, kMaxMapBytes, map.bytes);
   return map;
 }
@@ -374,7 +573,7 @@ Status CacheFile::load_map_locked(MapRead map) {
   const auto& ec = map.error;
   const auto& raw = map.bytes;
   const bool have_map = ec != std::errc::no_such_file_or_directory;
-  if (have_map) {
+  if (have_map && !map.in_attribute) {
     // A leftover of a map replacement that a crash interrupted. (Without a
     // map one can only be left by a first map that commit_map() wrote: the
     // next replacement of the map overwrites it.)
@@ -390,7 +589,7 @@ Status CacheFile::load_map_locked(MapRead map) {
   } else {
     std::string_view file(reinterpret_cast<const char*>(raw.data()), raw.size());
     MapContents expect{checkpoint_id_, path_, source_size_, {}, 0, {}, {}};
-    problem = decode_map(file, expect, m);
+    problem = map.in_attribute ? decode_attr_map(file, expect, m) : decode_map(file, expect, m);
     if (!problem) {
       data_fd = UniqueFd(::open(data_path_.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW));
       if (!data_fd) problem = "cannot open the data file: " + last_errno().message();
@@ -410,6 +609,8 @@ Status CacheFile::load_map_locked(MapRead map) {
       return io_status(last_errno(), fmt::format("cannot truncate {}", data_path_.string()));
     }
     data_exists_ = true;
+    map_in_attribute_ = map.in_attribute;
+    map_file_ = !map.in_attribute;
     size_ = m.size;
     present_ = std::move(m.present);
     local_ = std::move(m.local);
@@ -420,12 +621,18 @@ Status CacheFile::load_map_locked(MapRead map) {
   }
 
   if (problem) {
-    log::warn("cache", "discarding map file={} path={} reason=\"{}\"; starting cold",
-              map_path_.string(), path_, *problem);
+    log::warn("cache", "discarding map {}={} path={} reason=\"{}\"; starting cold",
+              map.in_attribute ? "attribute of" : "file",
+              (map.in_attribute ? data_path_ : map_path_).string(), path_, *problem);
   }
   if (have_map) {
-    if (::unlink(map_path_.c_str()) != 0 && errno != ENOENT) {
-      return io_status(last_errno(), fmt::format("cannot remove {}", map_path_.string()));
+    // An attribute goes with its data file; a .map file might be left from
+    // before it, and the attribute no longer hides it.
+    for (const auto* p : {&map_path_, &data_path_}) {
+      if (p == &data_path_ && !map.in_attribute) break;
+      if (::unlink(p->c_str()) != 0 && errno != ENOENT) {
+        return io_status(last_errno(), fmt::format("cannot remove {}", p->string()));
+      }
     }
     if (auto dir_ec = fsync_dir(map_path_.parent_path())) {
       return io_status(dir_ec, fmt::format("cannot sync {}", map_path_.parent_path().string()));
@@ -460,6 +667,15 @@ Status CacheFile::ensure_data_locked() {
       return io_status(last_errno(), fmt::format("cannot open cache file {}", data_path_.string()));
     }
   } else {
+    // A .map file left without its data file (removed behind the cache's
+    // back) would claim the new one's bytes: it goes first, for good.
+    if (::unlink(map_path_.c_str()) == 0) {
+      if (auto ec = fsync_dir(map_path_.parent_path())) {
+        return io_status(ec, fmt::format("cannot sync {}", map_path_.parent_path().string()));
+      }
+    } else if (errno != ENOENT) {
+      return io_status(last_errno(), fmt::format("cannot remove {}", map_path_.string()));
+    }
     fd = UniqueFd(
         ::open(data_path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, kFileMode));
     if (!fd) {
@@ -529,8 +745,97 @@ void CacheFile::adopt_source_stat_locked(const std::optional<SourceStat>& record
   ++generation_;
 }
 
-std::string CacheFile::serialize_locked() const {
-  return encode_map(checkpoint_id_, path_, source_size_, source_stat_, size_, present_, local_);
+CacheFile::EncodedMap CacheFile::encode(uint64_t size, const RangeSet& present,
+                                        const RangeSet& local) const {
+  EncodedMap map;
+  map.file = encode_map(checkpoint_id_, path_, source_size_, source_stat_, size, present, local);
+  if (attributes_usable()) {
+    map.attribute =
+        encode_attr_map(checkpoint_id_, path_, source_size_, source_stat_, size, present, local);
+    if (map.attribute.size() > kMaxAttrMap) map.attribute.clear();
+  }
+  return map;
+}
+
+CacheFile::EncodedMap CacheFile::encode_locked() const {
+  return encode(size_, present_, local_);
+}
+
+bool CacheFile::attributes_usable() const {
+  return !cache_hooks::no_attribute_maps && !no_attributes_ &&
+         (!owner_ || owner_->attribute_maps_.load(std::memory_order_relaxed));
+}
+
+bool CacheFile::attribute_refused(int err) {
+  if (err == ENOTSUP) {
+    no_attributes_ = true;
+    if (!owner_ || owner_->attribute_maps_.exchange(false)) {
+      log::info("cache", "{} takes no user extended attributes: range maps go to .map files",
+                data_path_.parent_path().string());
+    }
+  }
+  // Too long for the file system (or no room left for attributes there).
+  return err == ENOTSUP || err == E2BIG || err == ERANGE || err == ENOSPC;
+}
+
+void CacheFile::map_now_in_attribute() {
+  map_in_attribute_ = true;
+  if (map_file_ && ::unlink(map_path_.c_str()) != 0 && errno != ENOENT) {
+    log::debug("cache", "cannot remove the old map {}: {}", map_path_.string(),
+               last_errno().message());  // harmless: the attribute wins
+    return;
+  }
+  map_file_ = false;
+}
+
+Status CacheFile::map_now_in_file(bool& removed_attribute) {
+  map_file_ = true;
+  removed_attribute = false;
+  if (!map_in_attribute_) return {};
+  if (::lremovexattr(data_path_.c_str(), kAttrName) != 0 && errno != ENODATA) {
+    return io_status(last_errno(),
+                     fmt::format("cannot remove the map attribute of {}", data_path_.string()));
+  }
+  map_in_attribute_ = false;
+  removed_attribute = true;
+  return {};
+}
+
+// Every byte the map calls present was written before it was encoded, and
+// those writes are made durable before a map claiming them can be; then the
+// map replaces the old one atomically, durably.
+Status CacheFile::commit_map(int sync_fd, bool whole_fs, const EncodedMap& map) {
+  const auto sync = [&] { return whole_fs ? ::syncfs(sync_fd) : ::fsync(sync_fd); };
+  flush_step(cache_hooks::FlushStep::kSnapshotTaken);
+  if ((whole_fs ? ::syncfs(sync_fd) : ::fdatasync(sync_fd)) != 0) {
+    return io_status(last_errno(), fmt::format("cache sync for {}", data_path_.string()));
+  }
+  flush_step(cache_hooks::FlushStep::kDataSynced);
+  if (!map.attribute.empty()) {
+    if (::lsetxattr(data_path_.c_str(), kAttrName, map.attribute.data(), map.attribute.size(), 0) ==
+        0) {
+      if (sync() != 0) {
+        return io_status(last_errno(), fmt::format("cache map sync for {}", data_path_.string()));
+      }
+      map_now_in_attribute();
+      flush_step(cache_hooks::FlushStep::kMapWritten);
+      return {};
+    }
+    if (const int err = errno; !attribute_refused(err)) {
+      return io_status(std::error_code(err, std::system_category()),
+                       fmt::format("cache map write {}", data_path_.string()));
+    }
+  }
+  if (auto ec = write_file_atomic(map_path_, map.file, kFileMode)) {
+    return io_status(ec, fmt::format("cache map write {}", map_path_.string()));
+  }
+  bool removed = false;
+  if (Status st = map_now_in_file(removed); !st.ok()) return st;
+  if (removed && sync() != 0) {
+    return io_status(last_errno(), fmt::format("cache map sync for {}", data_path_.string()));
+  }
+  flush_step(cache_hooks::FlushStep::kMapWritten);
+  return {};
 }
 
 std::optional<SourceStat> CacheFile::source_stat() const {
@@ -685,11 +990,9 @@ Status CacheFile::truncate_local(uint64_t new_size) {
   RangeSet next_local = local_;
   next_present.insert({new_size, kEnd});
   next_local.insert({new_size, kEnd});
-  auto map = encode_map(checkpoint_id_, path_, source_size_, source_stat_, new_size, next_present,
-                        next_local);
+  const auto map = encode(new_size, next_present, next_local);
   const bool whole_fs = closed_at_generation_ > flushed_generation_;
-  if (Status status =
-          commit_map(whole_fs ? owner_->dir_fd_.get() : fd_->get(), whole_fs, map_path_, map);
+  if (Status status = commit_map(whole_fs ? owner_->dir_fd_.get() : fd_->get(), whole_fs, map);
       !status.ok()) {
     // The new map may or may not be in place; either is safe with the data
     // file uncut. The next flush rewrites it from the unchanged state.
@@ -710,7 +1013,7 @@ Status CacheFile::truncate_local(uint64_t new_size) {
 
 Status CacheFile::flush() {
   std::lock_guard flush_lock(flush_mutex_);
-  std::string map;
+  EncodedMap map;
   uint64_t generation = 0;
   SharedFd fd;
   bool whole_fs = false;
@@ -718,13 +1021,13 @@ Status CacheFile::flush() {
     std::lock_guard lock(mutex_);
     if (generation_ == flushed_generation_) return {};
     generation = generation_;
-    map = serialize_locked();
+    map = encode_locked();
     if (Status st = ensure_data_locked(); !st.ok()) return st;
     whole_fs = closed_at_generation_ > flushed_generation_;
     fd = whole_fs ? nullptr : fd_;
   }
   const int sync_fd = whole_fs ? owner_->dir_fd_.get() : fd->get();
-  if (Status status = commit_map(sync_fd, whole_fs, map_path_, map); !status.ok()) return status;
+  if (Status status = commit_map(sync_fd, whole_fs, map); !status.ok()) return status;
   std::lock_guard lock(mutex_);
   flushed_generation_ = generation;
   return {};
@@ -837,9 +1140,7 @@ CacheFile* BlockCache::file(const std::string& path, uint64_t source_size, Statu
   if (no_map_.erase(path) > 0) {
     map.error = std::make_error_code(std::errc::no_such_file_or_directory);
   } else {
-    auto map_path = base;
-    map_path += ".map";
-    map = CacheFile::read_map(map_path);
+    map = CacheFile::read_map(base);
   }
   auto f = CacheFile::open_with_map(base, checkpoint_id_, path, source_size, std::move(map), status,
                                     source_stat);
@@ -857,9 +1158,7 @@ CacheFile* BlockCache::wholly_present_file(const std::string& path,
     return whole ? f : nullptr;
   }
   const auto base = dir_ / stem(path);
-  auto map_path = base;
-  map_path += ".map";
-  auto map = CacheFile::read_map(map_path);
+  auto map = CacheFile::read_map(base);
   if (map.error) {
     // Most files of a cold cache: file() need not look again.
     if (map.error == std::errc::no_such_file_or_directory) no_map_.insert(path);
@@ -867,13 +1166,8 @@ CacheFile* BlockCache::wholly_present_file(const std::string& path,
   }
   if (!source_size) {
     // The map's own, which opening it checks with everything else.
-    MapReader in(
-        std::string_view(reinterpret_cast<const char*>(map.bytes.data()), map.bytes.size()));
-    in.bytes(kMagic.size() + 4);
-    in.bytes(in.u32());
-    in.bytes(in.u32());
-    source_size = in.u64();
-    if (!in.ok()) return nullptr;
+    source_size = map_source_size(map.bytes, map.in_attribute);
+    if (!source_size) return nullptr;
   }
   Status status;
   auto f = CacheFile::open_with_map(base, checkpoint_id_, path, *source_size, std::move(map),
@@ -915,7 +1209,9 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
     CacheFile* file;
     std::unique_lock<std::mutex> flush_lock;
     uint64_t generation = 0;
-    std::string map;
+    CacheFile::EncodedMap map;
+    bool in_attribute = false;  // written there, not to a .map file
+    std::filesystem::path tmp;  // the .map file was written here, to be renamed
     Status status;
   };
   std::vector<Pending> pending;
@@ -927,87 +1223,109 @@ Status BlockCache::flush_batch(std::span<CacheFile* const> files, size_t& flushe
     p.file = f;
     p.flush_lock = std::move(flush_lock);
     p.generation = f->generation_;
-    p.map = f->serialize_locked();
+    p.map = f->encode_locked();
   }
   if (pending.empty()) return {};
   flushed += pending.size();
   flush_step(cache_hooks::FlushStep::kSnapshotTaken);
 
   const auto fail = [](Pending& p, std::error_code ec, std::string_view what) {
-    p.status = io_status(ec, fmt::format("{} {}", what, p.file->map_path_.string()));
+    p.status = io_status(ec, fmt::format("{} {}", what, p.file->data_path_.string()));
     log::warn("cache", "flush failed path={}: {}", p.file->path(), p.status.message());
+  };
+  const auto fail_all = [&](std::string_view what) {
+    const auto ec = last_errno();
+    for (auto& p : pending) {
+      if (p.status.ok()) fail(p, ec, what);
+    }
   };
   // One syncfs makes every data file of the batch durable at once (and
   // whatever else the file system holds; one call instead of an fdatasync
   // per file). Through the cache's own descriptor, open since the cache was,
   // it reports any write-back error since then, also of closed data files.
-  const UniqueFd& dir_fd = dir_fd_;
+  const int dir_fd = dir_fd_.get();
   using Clock = std::chrono::steady_clock;
   const auto ms_since = [](Clock::time_point t) {
     return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
   };
   const auto t0 = Clock::now();
-  std::error_code sync_ec;
-  if (::syncfs(dir_fd.get()) != 0) sync_ec = last_errno();
-  const double data_ms = ms_since(t0);
-  if (sync_ec) {
-    for (auto& p : pending) fail(p, sync_ec, "cache sync for");
+  if (::syncfs(dir_fd) != 0) {
+    fail_all("cache sync for");
     return pending.front().status;
   }
+  const double data_ms = ms_since(t0);
   flush_step(cache_hooks::FlushStep::kDataSynced);
 
-  // Then the maps. A file's first map is written where it belongs: a crash
-  // can tear it, but a torn map fails its checksum and is discarded, so the
-  // file starts cold, never wrong. A map that replaces another is written to
-  // a temporary file and renamed over the old one, so a crash leaves the old
-  // map or the new one (where rename is atomic), and a file that was wholly
-  // local stays so. A second syncfs makes the written maps durable, a third
-  // the renames (if any); one syncfs per step instead of an fsync per file.
-  // A fill of many small files writes only first maps: one inode each and
-  // no rename.
-  std::vector<std::filesystem::path> tmps(pending.size());  // empty: written in place
+  // Then the maps. One in an attribute replaces the old one in a single
+  // setxattr. A .map file that is a file's first is written where it
+  // belongs: a crash can tear it, but a torn map fails its checksum and is
+  // discarded, so the file starts cold, never wrong. One that replaces
+  // another is written to a temporary file and renamed over the old one, so
+  // a crash leaves the old map or the new one (where rename is atomic), and
+  // a file that was wholly local stays so. A second syncfs makes the maps
+  // durable, a third the renames (if any); one syncfs per step instead of an
+  // fsync per file. A fill of many small files writes only attributes: no
+  // inode beyond each data file, and no rename.
   bool renames = false;
   const auto t1 = Clock::now();
-  for (size_t i = 0; i < pending.size(); ++i) {
-    Pending& p = pending[i];
-    UniqueFd fd(
-        ::open(p.file->map_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode));
+  for (Pending& p : pending) {
+    CacheFile& f = *p.file;
+    if (!p.map.attribute.empty() && f.attributes_usable()) {
+      if (::lsetxattr(f.data_path_.c_str(), kAttrName, p.map.attribute.data(),
+                      p.map.attribute.size(), 0) == 0) {
+        p.in_attribute = true;
+        continue;
+      }
+      if (const int err = errno; !f.attribute_refused(err)) {
+        fail(p, std::error_code(err, std::system_category()), "cache map write");
+        continue;
+      }
+    }
+    UniqueFd fd(::open(f.map_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode));
     if (!fd && errno == EEXIST) {
-      tmps[i] = p.file->map_path_;
-      tmps[i] += ".tmp-lazyfs";
+      p.tmp = f.map_path_;
+      p.tmp += ".tmp-lazyfs";
       renames = true;
-      fd = UniqueFd(::open(tmps[i].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
+      fd = UniqueFd(::open(p.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode));
     }
     if (!fd) {
       fail(p, last_errno(), "cache map write");
-    } else if (auto ec = pwrite_all(fd.get(), p.map.data(), p.map.size(), 0)) {
+    } else if (auto ec = pwrite_all(fd.get(), p.map.file.data(), p.map.file.size(), 0)) {
       fail(p, ec, "cache map write");
     }
   }
   const double write_ms = ms_since(t1);
   const auto t2 = Clock::now();
-  if (::syncfs(dir_fd.get()) != 0) {
-    const auto ec = last_errno();
-    for (auto& p : pending) {
-      if (p.status.ok()) fail(p, ec, "cache map sync for");
-    }
-  }
-  for (size_t i = 0; i < pending.size(); ++i) {
-    Pending& p = pending[i];
-    // A first map that failed is removed: it may be torn.
-    const auto& written = tmps[i].empty() ? p.file->map_path_ : tmps[i];
-    if (p.status.ok() && !tmps[i].empty() &&
-        ::rename(tmps[i].c_str(), p.file->map_path_.c_str()) != 0) {
+  if (::syncfs(dir_fd) != 0) fail_all("cache map sync for");
+  for (Pending& p : pending) {
+    if (p.in_attribute) continue;
+    // A first .map file that failed is removed: it may be torn.
+    const auto& written = p.tmp.empty() ? p.file->map_path_ : p.tmp;
+    if (p.status.ok() && !p.tmp.empty() &&
+        ::rename(p.tmp.c_str(), p.file->map_path_.c_str()) != 0) {
       fail(p, last_errno(), "cache map rename");
     }
     if (!p.status.ok()) ::unlink(written.c_str());
   }
-  if (renames && ::syncfs(dir_fd.get()) != 0) {
-    const auto ec = last_errno();
-    for (auto& p : pending) {
-      if (p.status.ok()) fail(p, ec, "cache map sync for");
+  if (renames && ::syncfs(dir_fd) != 0) fail_all("cache map sync for");
+  // Where a map moved: a .map file left from before goes (the attribute
+  // wins over it anyway); an attribute that would win over a new .map file
+  // goes, durably, so that a truncate's map later written to a .map file is
+  // never hidden by it after a crash.
+  bool removed_attributes = false;
+  for (Pending& p : pending) {
+    if (!p.status.ok()) continue;
+    if (p.in_attribute) {
+      p.file->map_now_in_attribute();
+      continue;
     }
+    bool removed = false;
+    if (Status st = p.file->map_now_in_file(removed); !st.ok()) {
+      p.status = std::move(st);
+    }
+    removed_attributes = removed_attributes || removed;
   }
+  if (removed_attributes && ::syncfs(dir_fd) != 0) fail_all("cache map sync for");
   flush_step(cache_hooks::FlushStep::kMapWritten);
   log::debug("cache", "flush batch files={} data_sync_ms={:.1f} maps_ms={:.1f} map_sync_ms={:.1f}",
              pending.size(), data_ms, write_ms, ms_since(t2));

@@ -18,4 +18,9 @@ enum class FlushStep {
 // alone while flushes may run.
 extern void (*on_flush_step)(FlushStep step);
 
+// When set, caches act as on a file system without extended attributes:
+// every map goes to a .map file, as the tests of that store need. Set it
+// before the caches it applies to are opened.
+extern bool no_attribute_maps;
+
 }  // namespace lazyfs::cache_hooks

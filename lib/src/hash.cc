@@ -21,16 +21,20 @@ Sha256& Sha256::update(std::string_view data) {
   return *this;
 }
 
-std::string Sha256::hex() {
+std::string Sha256::digest() {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), digest, &len);
+  return std::string(reinterpret_cast<const char*>(digest), len);
+}
+
+std::string Sha256::hex() {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
-  out.reserve(len * 2);
-  for (unsigned i = 0; i < len; ++i) {
-    out += kHex[digest[i] >> 4];
-    out += kHex[digest[i] & 15];
+  for (char c : digest()) {
+    const auto b = static_cast<unsigned char>(c);
+    out += kHex[b >> 4];
+    out += kHex[b & 15];
   }
   return out;
 }

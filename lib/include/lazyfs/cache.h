@@ -6,17 +6,24 @@
 // raw path, so a hostile name cannot reach the file system and two
 // checkpoints never share or mix cache files.
 //
+// The map is kept in an extended attribute of the data file (user.lazyfs)
+// where it fits one (up to 2 KiB; on ext4 a whole file's map fits inside its
+// inode), so that a cached file costs one inode; a longer map, or one on a
+// file system without user attributes, goes to a `.map` file beside it. The
+// attribute wins: a .map file is read only if the data file has none.
+//
 // Crash safety: bytes are marked present only after their pwrite returned;
 // flush() snapshots the maps, makes the data durable (fdatasync), and only
-// then replaces the map file atomically (temporary file, fsync, rename, fsync
-// of the directory). A crash at any point leaves a map that may miss bytes
+// then replaces the map atomically (the attribute in one setxattr, made
+// durable by fsync; a .map file by temporary file, fsync, rename, fsync of
+// the directory). A crash at any point leaves a map that may miss bytes
 // that are present, but never claims a byte that is not. Flushes are batched
 // by the caller (the engine flushes on a timer and at shutdown), not done
 // per block; flush_all() does many files at a time, with a syncfs of the
 // file system in place of each step's fsync per file (data; new maps;
-// renames). There a file's first map is written in place instead: a crash
-// may tear it, but a torn map fails its checksum and is discarded (the file
-// starts cold, never wrong).
+// renames). There a file's first .map file is written in place instead: a
+// crash may tear it, but a torn map fails its checksum and is discarded (the
+// file starts cold, never wrong).
 //
 // Locally written bytes are the file's truth: a fetch that lands later never
 // overwrites them.
@@ -33,6 +40,7 @@
 // cache does none).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -127,10 +135,17 @@ class CacheFile {
 
  private:
   CacheFile() = default;
-  // The map file as read: its bytes, or why they could not be read.
+  // The map as read: its bytes, or why they could not be read.
   struct MapRead {
     std::error_code error;
     std::vector<uint8_t> bytes;
+    bool in_attribute = false;  // the data file's attribute, not a .map file
+  };
+  // A map encoded for each place it may go: `attribute` is empty if it
+  // should not go there (too long, or the file system takes none).
+  struct EncodedMap {
+    std::string attribute;
+    std::string file;
   };
   // open() with the map already read (or known to be missing).
   static std::unique_ptr<CacheFile> open_with_map(const std::filesystem::path& base,
@@ -138,13 +153,31 @@ class CacheFile {
                                                   const std::string& path, uint64_t source_size,
                                                   MapRead map, Status& status,
                                                   const std::optional<SourceStat>& source_stat);
-  static MapRead read_map(const std::filesystem::path& map_path);
+  // The map of the files `base`.data and `base`.map: the data file's
+  // attribute, else the .map file; ENOENT if neither is there (or no data
+  // file: a .map file without one is removed before a new one is made).
+  static MapRead read_map(const std::filesystem::path& base);
   Status load_map_locked(MapRead map);
+  bool attributes_usable() const;
+  // setxattr failed with `err`: true if the map should go to a .map file
+  // instead (the file system takes no attributes, or not one this long).
+  bool attribute_refused(int err);
+  // With flush_mutex_ held: the map is now in the attribute (removes a .map
+  // file left from before) or in the .map file (removes the attribute, which
+  // would win over it; true if there was one, whose removal must be made
+  // durable before anything relies on the new map).
+  void map_now_in_attribute();
+  Status map_now_in_file(bool& removed_attribute);
+  // flush() and a shrinking truncate_local(): makes the data durable (through
+  // `sync_fd`, by syncfs if `whole_fs`, else fdatasync), then `map` the map,
+  // durably.
+  Status commit_map(int sync_fd, bool whole_fs, const EncodedMap& map);
   // Closes the data file (it reopens when next used); with mutex_ held.
   void close_data_locked();
   void adopt_source_stat_locked(const std::optional<SourceStat>& recorded);
   Status ensure_data_locked();
-  std::string serialize_locked() const;
+  EncodedMap encode_locked() const;
+  EncodedMap encode(uint64_t size, const RangeSet& present, const RangeSet& local) const;
 
   std::filesystem::path data_path_;
   std::filesystem::path map_path_;
@@ -165,6 +198,9 @@ class CacheFile {
   uint64_t generation_ = 0;                  // guarded by mutex_; bumped by every change
   uint64_t flushed_generation_ = 0;          // written under flush_mutex_ and mutex_
   std::mutex flush_mutex_;                   // one flush at a time; taken before mutex_
+  bool map_in_attribute_ = false;            // guarded by flush_mutex_; the data file has one
+  bool map_file_ = false;                    // guarded by flush_mutex_; a .map file may be there
+  bool no_attributes_ = false;               // guarded by flush_mutex_; setxattr said ENOTSUP
 
   friend class BlockCache;  // flush_all() commits many files' maps as one batch
 };
@@ -228,7 +264,8 @@ class BlockCache {
   UniqueFd lock_fd_;  // flocked for the cache's life
   std::string checkpoint_id_;
   size_t max_open_ = 0;
-  std::mutex flush_all_mutex_;  // one batched flush at a time; taken before mutex_
+  std::atomic<bool> attribute_maps_{true};  // false once the file system refused one
+  std::mutex flush_all_mutex_;              // one batched flush at a time; taken before mutex_
   std::mutex mutex_;
   std::unordered_map<std::string, std::unique_ptr<CacheFile>> files_;  // guarded by mutex_
   // Paths not opened yet whose map wholly_present_file() found missing:

@@ -15,7 +15,8 @@ class Sha256 {
   Sha256& operator=(const Sha256&) = delete;
 
   Sha256& update(std::string_view data);
-  // Hex digest; the object must not be updated afterwards.
+  // The 32-byte digest, raw or as hex; either ends the object's use.
+  std::string digest();
   std::string hex();
 
  private:
