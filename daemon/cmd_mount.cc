@@ -325,8 +325,9 @@ Runner add_mount_command(CLI::App& app) {
                   "Let the fill keep this many bytes in flight while readers are missing "
                   "(e.g. 4M) instead of pausing for them: the source is released sooner where "
                   "the restore leaves CPU and link idle, at a cost to it elsewhere; auto: 8M "
-                  "only while that serves the readers at least as fast as pausing does, as "
-                  "measured by trying both in turn; implies --fill");
+                  "only while that serves the readers at least 10% faster than pausing, as "
+                  "measured by trying both in turn (no trials where the source answers "
+                  "within 2 ms: it pauses); implies --fill");
   cmd->add_option("--record-trace", o.record_trace,
                   "Write which blocks were read in the first --trace-seconds to this file");
   cmd->add_option("--trace-seconds", cli->trace_seconds, "How long to record (default 60)");

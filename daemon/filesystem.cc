@@ -107,6 +107,7 @@ std::string render_status(const FilesystemOptions& options, const std::filesyste
        {{"count", es.latency_count},
         {"mean_s",
          es.latency_count ? es.latency_sum_s / static_cast<double>(es.latency_count) : 0.0},
+        {"min_s", es.latency_min_s},
         {"max_s", es.latency_max_s},
         {"ms_log2_buckets", es.latency_ms_log2}}},
       {"ops", ops},

@@ -444,8 +444,10 @@ TEST_CASE("fill: --fill-alongside auto runs beside readers where that serves the
 TEST_CASE("fill: --fill-alongside auto pauses for readers where running beside slows them",
           "[fill]") {
   // One link carries every chunk, the reader's and the fill's; the reader
-  // reads backwards, so the fill never fetches what it reads next.
+  // reads backwards, so the fill never fetches what it reads next. (Each
+  // fetch also waits 3 ms, a round trip: with none, there are no trials.)
   SmallFilesRig rig(3000);
+  rig.source->set_call_delay(3ms);
   rig.source->set_chunk_delay(1ms);
   rig.source->set_shared_link(true);
   FillOptions o;
@@ -461,4 +463,24 @@ TEST_CASE("fill: --fill-alongside auto pauses for readers where running beside s
   CHECK(p.reads_per_s_alongside > 0);
   CHECK(p.reads_per_s_pausing > p.reads_per_s_alongside);
   CHECK_FALSE(p.alongside);
+}
+
+TEST_CASE("fill: --fill-alongside auto pauses without trials where the source answers at once",
+          "[fill]") {
+  // Every fetch takes 0.5 ms, under the 2 ms that makes a round trip worth
+  // a trial: the misses wait for no link the fill could use meanwhile.
+  SmallFilesRig rig(3000);
+  rig.source->set_call_delay(500us);
+  FillOptions o;
+  o.alongside = 1 << 20;
+  o.adapt = true;
+  BackgroundFill fill(*rig.engine, o);
+  // Long enough for a few trials, were there any (one takes some 100 ms).
+  const auto until = std::chrono::steady_clock::now() + 400ms;
+  for (int i = 0; i < 3000 && std::chrono::steady_clock::now() < until; i += 2) rig.read(i);
+  const auto p = fill.progress();
+  CHECK(p.reads_per_s_pausing == 0);
+  CHECK(p.reads_per_s_alongside == 0);
+  CHECK_FALSE(p.alongside);
+  CHECK(rig.engine->fastest_fetch() < 2ms);
 }

@@ -9,6 +9,7 @@
 #include <boost/asio/thread_pool.hpp>
 #include <cerrno>
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "lazyfs/log.h"
@@ -93,6 +94,7 @@ struct FetchEngine::Counters {
   double latency_sum_s = 0;
   double latency_max_s = 0;
   std::array<uint64_t, 16> latency_ms_log2{};
+  std::atomic<int64_t> latency_min_ns{std::numeric_limits<int64_t>::max()};
 };
 
 // The worker threads, the timers that run on them, and the retry timers in
@@ -910,6 +912,14 @@ void FetchEngine::record_latency(Clock::duration d) {
   counters_->latency_sum_s += s;
   counters_->latency_max_s = std::max(counters_->latency_max_s, s);
   ++counters_->latency_ms_log2[bucket];
+  const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+  if (ns < counters_->latency_min_ns.load(std::memory_order_relaxed)) {
+    counters_->latency_min_ns.store(ns, std::memory_order_relaxed);
+  }
+}
+
+std::chrono::nanoseconds FetchEngine::fastest_fetch() const {
+  return std::chrono::nanoseconds(counters_->latency_min_ns.load(std::memory_order_relaxed));
 }
 
 // A reader's completion that has to wait: background work gives way to
@@ -970,6 +980,9 @@ EngineStats FetchEngine::stats() const {
   s.latency_sum_s = counters_->latency_sum_s;
   s.latency_max_s = counters_->latency_max_s;
   s.latency_ms_log2 = counters_->latency_ms_log2;
+  if (counters_->latency_count > 0) {
+    s.latency_min_s = std::chrono::duration<double>(fastest_fetch()).count();
+  }
   return s;
 }
 

@@ -27,6 +27,12 @@ constexpr unsigned kMaxHold = 64;
 // Running beside readers must serve them this much faster to be kept: a
 // trial's rate is noisy, and pausing is the safe way.
 constexpr double kAlongsideMargin = 1.1;
+// Where the source answers faster than this (its fastest request so far), a
+// reader's miss waits for no round trip that the fill could use: running
+// beside the readers only takes what they need (the CPUs, the cache's file
+// system), and each trial of it costs them (0.1-0.2 s of a many-small
+// restore on loopback). adapt() pauses there, without trials.
+constexpr auto kNoRoundTrip = std::chrono::milliseconds(2);
 
 const char* fill_state_name(FillState state) {
   switch (state) {
@@ -329,6 +335,16 @@ uint64_t BackgroundFill::alongside_budget() {
 // missing throughout. Called often, on the fill's thread.
 void BackgroundFill::adapt() {
   if (!options_.adapt) return;
+  if (engine_.fastest_fetch() < kNoRoundTrip) {
+    if (!no_round_trip_) {
+      no_round_trip_ = true;
+      log::info("fill", "pausing for readers without trials: the source answers within {} ms",
+                kNoRoundTrip.count());
+    }
+    alongside_now_ = false;
+    trial_.start = {};
+    return;
+  }
   const auto now = Clock::now();
   const uint64_t reads = engine_.demand_requests();
   // Missing readers, not the fill's first moments (which readers_missing()

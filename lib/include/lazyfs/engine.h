@@ -87,6 +87,7 @@ struct EngineStats {
   uint64_t latency_count = 0;  // completed source requests, and their
   double latency_sum_s = 0;    //   total and worst latency
   double latency_max_s = 0;
+  double latency_min_s = 0;                    // the fastest (0 until one completed)
   std::array<uint64_t, 16> latency_ms_log2{};  // bucket i: [2^(i-1), 2^i) ms
 };
 
@@ -181,6 +182,9 @@ class FetchEngine {
   uint64_t demand_requests() const;
   // Whether a file is being validated (as at mount, validate_all()).
   bool validating() const;
+  // The fastest source request so far (max() before the first): none takes
+  // less than the source's round trip, so this bounds it from above.
+  std::chrono::nanoseconds fastest_fetch() const;
   // Without paths (`path` left empty) they cost no allocation per file:
   // totals, as `lazyfs status --no-files` gives, with many files.
   std::vector<FileStats> file_stats(bool with_paths = true) const;

@@ -17,7 +17,8 @@
 //   a miss waits mostly for the link's round trip, the CPUs and the link are
 //   idle meanwhile, and the fill may even fetch what they read next.
 // Adapting, it tries both in turn and keeps the one under which readers are
-// served faster (see adapt()).
+// served faster (see adapt()); where the source answers within 2 ms it
+// pauses without trying.
 // Resuming after a restart is free: only missing bytes are requested.
 #pragma once
 
@@ -119,9 +120,10 @@ class BackgroundFill {
   } trial_;
   double rate_[2] = {0, 0};  // readers' reads per second in the last trial of each way
   bool known_[2] = {false, false};
-  bool best_ = false;  // the way that served them faster
-  unsigned held_ = 0;  // trials of best_ since the other was last tried
-  unsigned hold_ = 0;  // trials of best_ before the other is tried again
+  bool best_ = false;           // the way that served them faster
+  unsigned held_ = 0;           // trials of best_ since the other was last tried
+  unsigned hold_ = 0;           // trials of best_ before the other is tried again
+  bool no_round_trip_ = false;  // the source answers too fast for trials (logged)
   std::atomic<bool> alongside_now_{false};
   std::atomic<bool> filling_small_{true};               // small files, not large ones
   std::atomic<double> published_rate_[2] = {0.0, 0.0};  // rate_, for progress()
