@@ -36,7 +36,7 @@ nlohmann::json fill_json(BackgroundFill* fill) {
                    {"rate_bytes_s", p.rate},
                    {"requested_bytes", p.requested},
                    {"alongside", p.alongside}};
-  // --fill-alongside auto: what its last trials of each way measured.
+  // --fill-alongside auto: what its trials of each way measured.
   if (p.reads_per_s_pausing > 0) j["reads_per_s_pausing"] = p.reads_per_s_pausing;
   if (p.reads_per_s_alongside > 0) j["reads_per_s_alongside"] = p.reads_per_s_alongside;
   if (!p.error.empty()) j["error"] = p.error;

@@ -418,6 +418,50 @@ TEST_CASE("fill: a reader's miss makes it go on from the files after that one", 
   }
 }
 
+TEST_CASE("fill: a reader waiting for a file the fill already asked for makes it give way",
+          "[fill]") {
+  // The reader starts no fetch of its own: it waits for the fill's. It is
+  // still a reader the source keeps waiting, and the fill's further
+  // requests would queue ahead of the next one it makes.
+  SmallFilesRig rig(3000);
+  rig.source->close_gate();
+  FillOptions o;
+  o.yield_after = 2s;
+  BackgroundFill fill(*rig.engine, o);
+  // Past the fill's first yield_after (which counts as readers missing) its
+  // groups of files wait at the gate.
+  std::this_thread::sleep_for(2200ms);
+  REQUIRE(rig.source->calls().size() > 0);
+  std::atomic<bool> served{false};
+  rig.engine->request(rig.ids[5], 0, 1000, Priority::kDemand, [&](const Status& st) {
+    CHECK(st.ok());
+    served = true;
+  });
+  CHECK(rig.engine->stats().demand_misses == 1);
+  rig.source->open_gate();
+  REQUIRE(eventually([&] { return served.load(); }));
+  // What was in flight lands (and the group the fill held, sent once
+  // nothing was); then the fill gives way for yield_after after the
+  // reader's wait, as after a miss of its own. Without that, it fetches the
+  // rest at once.
+  const auto drained = [&] {
+    return rig.engine->stats().fetched_bytes == fill.progress().requested;
+  };
+  REQUIRE(eventually(drained));
+  std::this_thread::sleep_for(100ms);
+  REQUIRE(eventually(drained));
+  const uint64_t requested = fill.progress().requested;
+  std::this_thread::sleep_for(300ms);
+  CHECK(fill.progress().requested == requested);
+  CHECK(fill.progress().state == FillState::kRunning);
+  REQUIRE(eventually([&] { return fill.progress().state != FillState::kRunning; }));
+  CHECK(fill.progress().state == FillState::kComplete);
+  const auto calls = rig.source->calls();
+  CHECK(std::count_if(calls.begin(), calls.end(), [](const FakeSource::Call& c) {
+          return c.path == SmallFilesRig::name(5);
+        }) == 1);  // the reader's wait started no fetch
+}
+
 // Adapting: which way serves readers faster is measured, not assumed. Only
 // the choice is asserted, on sources where one way is several times faster.
 TEST_CASE("fill: --fill-alongside auto runs beside readers where that serves them faster",

@@ -83,8 +83,10 @@ struct FetchEngine::Counters {
   std::atomic<uint64_t> demand_requests{0};
   std::atomic<int64_t> last_demand_miss_ns{0};  // steady_clock, since its epoch
   std::atomic<uint32_t> last_missed_file{0};
-  std::atomic<int64_t> readers_waiting{0};  // parked demand completions
-  std::atomic<int64_t> validating{0};       // files being validated
+  std::atomic<int64_t> readers_waiting{0};     // parked demand completions
+  std::atomic<int64_t> last_wait_ns{0};        // one parked or woke, steady_clock
+  std::atomic<int64_t> validating{0};          // files being validated
+  std::atomic<int64_t> readers_validating{0};  // parked demand completions awaiting one
   std::atomic<uint64_t> inflight{0};
   std::atomic<uint64_t> retries{0};
   std::atomic<uint64_t> errors{0};
@@ -213,11 +215,11 @@ void FetchEngine::file_info(FileId id, InfoCompletion done, Priority priority) {
       return;
     }
     case File::State::kUnknown:
-      f.info_waiters.push_back(parked(priority, std::move(done)));
+      f.info_waiters.push_back(parked_for_validation(priority, std::move(done)));
       start_validation(f);  // sets kValidating
       return;
     case File::State::kValidating: {
-      f.info_waiters.push_back(parked(priority, std::move(done)));
+      f.info_waiters.push_back(parked_for_validation(priority, std::move(done)));
       auto raised = hasten_validation_locked(f, priority);
       lock.unlock();
       if (raised) enqueue(std::move(raised));
@@ -448,7 +450,7 @@ void FetchEngine::request_into(FileId id, uint64_t offset, uint64_t length, Prio
     case File::State::kValidating: {
       const bool first = f.state == File::State::kUnknown;
       // A reader waiting for a validation is as good as missing.
-      done = parked(priority, std::move(done));
+      done = parked_for_validation(priority, std::move(done));
       // Run once validation ends: served if it succeeded, failed if not.
       f.pending.push_back([this, &f, offset, length, priority, done](Jobs& later) mutable {
         std::unique_lock l(f.mutex);
@@ -928,10 +930,32 @@ template <typename Done>
 Done FetchEngine::parked(Priority priority, Done done) {
   if (priority != Priority::kDemand || !done) return done;
   ++counters_->readers_waiting;
+  counters_->last_wait_ns.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
   return [c = counters_.get(), done = std::move(done)](const auto&... args) {
+    c->last_wait_ns.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
     --c->readers_waiting;
     done(args...);
   };
+}
+
+// A reader's completion that waits for its file's validation.
+template <typename Done>
+Done FetchEngine::parked_for_validation(Priority priority, Done done) {
+  if (priority != Priority::kDemand || !done) return done;
+  ++counters_->readers_validating;
+  return parked(priority, Done([c = counters_.get(), done = std::move(done)](const auto&... args) {
+                  --c->readers_validating;
+                  done(args...);
+                }));
+}
+
+std::chrono::steady_clock::time_point FetchEngine::last_reader_wait() const {
+  return Clock::time_point(
+      Clock::duration(counters_->last_wait_ns.load(std::memory_order_relaxed)));
+}
+
+bool FetchEngine::readers_await_validation() const {
+  return counters_->readers_validating.load(std::memory_order_relaxed) > 0;
 }
 
 FetchEngine::FileId FetchEngine::last_missed_file() const {

@@ -27,6 +27,9 @@ constexpr unsigned kMaxHold = 64;
 // Running beside readers must serve them this much faster to be kept: a
 // trial's rate is noisy, and pausing is the safe way.
 constexpr double kAlongsideMargin = 1.1;
+// A way's rate is over all its trials, each older one weighing this much
+// less: one trial of some 16 reads is too noisy to decide on.
+constexpr double kKeep = 0.75;
 // Where the source answers faster than this (its fastest request so far), a
 // reader's miss waits for no round trip that the fill could use: running
 // beside the readers only takes what they need (the CPUs, the cache's file
@@ -290,7 +293,7 @@ bool BackgroundFill::pause_for_readers() {
   const auto limit = last_issue_ + kMaxPause;
   std::unique_lock lock(mutex_);
   while (!stop_ && progress_.state == FillState::kRunning && Clock::now() < limit) {
-    auto quiet_at = std::max(engine_.last_demand_miss(), started_) + options_.yield_after;
+    auto quiet_at = std::max(engine_.last_reader_wait(), started_) + options_.yield_after;
     // A reader still waiting (for a fetch or a validation) is checked on.
     if (engine_.readers_waiting()) quiet_at = std::max(quiet_at, Clock::now() + kRecheck);
     if (Clock::now() >= quiet_at || alongside_budget() > 0) break;
@@ -303,11 +306,16 @@ bool BackgroundFill::pause_for_readers() {
 }
 
 // Readers are missing while one waits for a fetch or a validation, and for
-// yield_after after one had to start a fetch. A restore starts reading right
-// after the mount: the fill's first yield_after counts as such a time.
+// yield_after after such a wait. That counts a wait for a fetch the fill (or
+// read-ahead) had started: the fill's further requests would queue ahead of
+// that reader's next one (at 100 Mbit/s, after a trial of running beside a
+// many-small restore, the restore caught up with the fill and only waited for
+// its fetches, so a fill that went on at full speed kept it 1.26x slower). A
+// restore starts reading right after the mount: the fill's first
+// yield_after counts as such a time.
 bool BackgroundFill::readers_missing() const {
   if (engine_.readers_waiting()) return true;
-  const auto since = std::max(engine_.last_demand_miss(), started_);
+  const auto since = std::max(engine_.last_reader_wait(), started_);
   return Clock::now() - since < options_.yield_after;
 }
 
@@ -348,10 +356,11 @@ void BackgroundFill::adapt() {
   const auto now = Clock::now();
   const uint64_t reads = engine_.demand_requests();
   // Missing readers, not the fill's first moments (which readers_missing()
-  // counts as such); and not while files are validated (at mount), when
-  // readers wait for that whatever the fill does.
-  if ((!engine_.readers_waiting() && now - engine_.last_demand_miss() >= options_.yield_after) ||
-      engine_.validating()) {
+  // counts as such); and not while a reader waits for its file's validation
+  // (at mount), which it does whatever the fill does. Other files still
+  // being validated do not void a trial: the reader waits only for its own.
+  if ((!engine_.readers_waiting() && now - engine_.last_reader_wait() >= options_.yield_after) ||
+      engine_.readers_await_validation()) {
     trial_.start = {};  // the trial says nothing
     return;
   }
@@ -371,11 +380,13 @@ void BackgroundFill::adapt() {
   if (span < kMinTrial || (n < kMinReads && span < kMaxTrial)) return;
 
   const int way = trial_.alongside ? 1 : 0;
-  rate_[way] = static_cast<double>(n) / std::chrono::duration<double>(span).count();
+  reads_[way] = kKeep * reads_[way] + static_cast<double>(n);
+  seconds_[way] = kKeep * seconds_[way] + std::chrono::duration<double>(span).count();
+  rate_[way] = reads_[way] / seconds_[way];
   published_rate_[way] = rate_[way];
-  known_[way] = true;
+  ++trials_[way];
   bool next = best_;
-  if (!known_[1 - way]) {
+  if (trials_[1 - way] == 0) {
     next = !trial_.alongside;  // the first trial of the other way
   } else if (trial_.alongside != best_) {
     // The other way was tried: it wins, or waits longer for its next try.

@@ -177,11 +177,16 @@ class FetchEngine {
   FileId last_missed_file() const;
   // Whether a reader is waiting right now (for a fetch or a validation).
   bool readers_waiting() const;
+  // When a reader last began or ended such a wait (also for a fetch that
+  // another started).
+  std::chrono::steady_clock::time_point last_reader_wait() const;
   // Demand request() calls so far (EngineStats::demand_requests), cheaply:
   // how fast readers are served.
   uint64_t demand_requests() const;
   // Whether a file is being validated (as at mount, validate_all()).
   bool validating() const;
+  // Whether a reader is waiting right now for its file's validation.
+  bool readers_await_validation() const;
   // The fastest source request so far (max() before the first): none takes
   // less than the source's round trip, so this bounds it from above.
   std::chrono::nanoseconds fastest_fetch() const;
@@ -216,6 +221,8 @@ class FetchEngine {
   void note_reader_waiting(const File& f);
   template <typename Done>
   Done parked(Priority priority, Done done);
+  template <typename Done>
+  Done parked_for_validation(Priority priority, Done done);
   void release(Validated& v);
   void request_into(FileId file, uint64_t offset, uint64_t length, Priority priority,
                     Completion done, std::vector<std::shared_ptr<Job>>& jobs);

@@ -5,10 +5,11 @@
 // ranges. Files named by a trace come first, in its order. The engine keeps
 // one worker free of background work for readers; the fill bounds its own
 // requests and bytes in flight, and can cap its bandwidth.
-// While readers are missing (one waits for a fetch or a validation, or one
-// had to start a fetch in the last `yield_after` ms, or the fill started
-// less than that long ago: a restore reads right after the mount) it gives
-// way, in one of two ways:
+// While readers are missing (one waits for the source, for a fetch or a
+// validation, or did so in the last `yield_after` ms, also where it waited
+// for a fetch another had started; or the fill started less than that long
+// ago: a restore reads right after the mount) it gives way, in one of two
+// ways:
 // - it pauses until readers have been quiet that long, but sends at least
 //   one request (a small file, or a block of a large one) a second, so that
 //   its transfers do not queue ahead of theirs on the link or take their
@@ -62,8 +63,8 @@ struct FillProgress {
   double rate = 0;         // bytes per second over the last few seconds
   // Whether it runs beside missing readers (else it pauses for them).
   bool alongside = false;
-  // Adapting: readers' reads per second in the last trial of each way
-  // (0: not tried).
+  // Adapting: readers' reads per second under each way, over its trials,
+  // older ones weighing less (0: not tried).
   double reads_per_s_pausing = 0;
   double reads_per_s_alongside = 0;
 };
@@ -118,12 +119,14 @@ class BackgroundFill {
     uint64_t reads_at = 0;                          // the engine's demand requests then
     bool measuring = false;
   } trial_;
-  double rate_[2] = {0, 0};  // readers' reads per second in the last trial of each way
-  bool known_[2] = {false, false};
-  bool best_ = false;           // the way that served them faster
-  unsigned held_ = 0;           // trials of best_ since the other was last tried
-  unsigned hold_ = 0;           // trials of best_ before the other is tried again
-  bool no_round_trip_ = false;  // the source answers too fast for trials (logged)
+  double reads_[2] = {0, 0};     // readers' reads in each way's trials, decayed
+  double seconds_[2] = {0, 0};   // and the trials' time
+  double rate_[2] = {0, 0};      // their quotient: readers' reads per second
+  unsigned trials_[2] = {0, 0};  // trials of each way so far
+  bool best_ = false;            // the way that served them faster
+  unsigned held_ = 0;            // trials of best_ since the other was last tried
+  unsigned hold_ = 0;            // trials of best_ before the other is tried again
+  bool no_round_trip_ = false;   // the source answers too fast for trials (logged)
   std::atomic<bool> alongside_now_{false};
   std::atomic<bool> filling_small_{true};               // small files, not large ones
   std::atomic<double> published_rate_[2] = {0.0, 0.0};  // rate_, for progress()
